@@ -1,0 +1,2 @@
+//! Backends behind one `Backend`/`BufferPool` trait pair.
+pub mod cpu;

@@ -1,0 +1,2 @@
+//! Device-free memory planning.
+pub mod lifetime;
