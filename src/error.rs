@@ -42,6 +42,9 @@ pub enum Error {
         field: &'static str,
         msg: String,
     },
+    /// Two buffers sharing memory after `commit_plan` are live at the same op of this graph.
+    #[error("unsafe aliasing: {0}")]
+    UnsafeAlias(String),
     /// An op name that is not one of the 23.
     #[error("unknown op `{0}`")]
     UnknownOp(String),
@@ -66,6 +69,9 @@ pub enum Error {
         expected: usize,
         actual: usize,
     },
+    /// A write into read-only borrowed memory.
+    #[error("buffer `{label}`: {what}: the buffer is read-only borrowed memory")]
+    ReadOnly { label: String, what: String },
     /// A pool call on an id that does not exist.
     #[error("{what}: buffer id {id} does not exist (pool has {count} buffers)")]
     PoolBadId {

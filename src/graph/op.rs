@@ -222,6 +222,10 @@ pub trait FieldType: Sized {
     fn kind(access: Option<Access>) -> FieldKind;
     fn value(&self, access: Option<Access>) -> FieldValue<'_>;
     fn take(src: &mut dyn FieldSource, field: &'static str) -> Result<Self>;
+    /// Overwrite with a u32 (only u32 fields accept; others return false).
+    fn set_u32(&mut self, _v: u32) -> bool {
+        false
+    }
 }
 
 impl<B: Buf> FieldType for BufId<B> {
@@ -261,7 +265,21 @@ macro_rules! scalar_field {
         }
     };
 }
-scalar_field!(u32, U32, u32, |v| *v);
+impl FieldType for u32 {
+    fn kind(_: Option<Access>) -> FieldKind {
+        FieldKind::U32
+    }
+    fn value(&self, _: Option<Access>) -> FieldValue<'_> {
+        FieldValue::U32(*self)
+    }
+    fn take(src: &mut dyn FieldSource, field: &'static str) -> Result<Self> {
+        src.u32(field)
+    }
+    fn set_u32(&mut self, v: u32) -> bool {
+        *self = v;
+        true
+    }
+}
 scalar_field!(u64, U64, u64, |v| *v);
 scalar_field!(f32, F32, f32, |v| *v);
 scalar_field!(WDtype, Dtype, dtype, |v| *v);
@@ -323,6 +341,25 @@ macro_rules! define_ops {
                         $( f(stringify!($field), FieldType::value($field, access!($acc))); )*
                     }
                 )*}
+            }
+
+            /// Patch a u32 field in place (positions and lengths of a replayed decode graph).
+            pub fn set_u32(&mut self, field: &str, value: u32) -> Result<()> {
+                let ident = format!("{} ({})", self.label(), self.name());
+                let found = match self {$(
+                    #[allow(unused_variables)]
+                    Op::$name { label: _, $( $field ),* } => {
+                        match field {
+                            $( stringify!($field) => Some(FieldType::set_u32($field, value)), )*
+                            _ => None,
+                        }
+                    }
+                )*};
+                match found {
+                    Some(true) => Ok(()),
+                    Some(false) => Err(Error::dims(&ident, "set_u32", format!("field `{field}` is not a u32 field"))),
+                    None => Err(Error::dims(&ident, "set_u32", format!("no field `{field}`"))),
+                }
             }
 
             /// Build an op by name, pulling each field from `src`.
