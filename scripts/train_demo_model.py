@@ -131,6 +131,11 @@ def save_tokenizer(tok, out: Path, model_max_length: int) -> None:
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(str(out))
+    # The generic class name loads under every transformers version (v5's own name is TokenizersBackend).
+    p = out / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def encode_stream(tok, texts: list[str]):

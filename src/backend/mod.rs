@@ -5,6 +5,9 @@
 //! encode/submit split (`begin_encoding`, `encode_op`, `submit_and_wait`, `execute`).
 
 pub mod cpu;
+pub mod encoder;
+#[cfg(feature = "metal-emu")]
+pub mod metal_emu;
 pub mod stats;
 
 use crate::error::{Error, Result};

@@ -3,7 +3,7 @@
 
 use super::errors::Kind;
 use numpy::ndarray::ArrayView1;
-use numpy::npyffi::flags::{NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE};
+use numpy::npyffi::flags::{NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE};
 use numpy::prelude::*;
 use numpy::{PyArray1, PyArrayDescr, PyUntypedArray};
 use pyo3::exceptions::PyTypeError;
@@ -68,7 +68,6 @@ pub(crate) struct RawArray {
     pub nbytes: usize,
     pub writable: bool,
     pub c_contiguous: bool,
-    pub aligned: bool,
 }
 
 /// Pointer, byte size and flags of an array. The pointer is valid while the array lives.
@@ -83,7 +82,6 @@ pub(crate) fn raw(arr: &Bound<'_, PyUntypedArray>) -> RawArray {
         nbytes: arr.len().saturating_mul(itemsize),
         writable: flags & NPY_ARRAY_WRITEABLE != 0,
         c_contiguous: flags & NPY_ARRAY_C_CONTIGUOUS != 0,
-        aligned: flags & NPY_ARRAY_ALIGNED != 0,
     }
 }
 

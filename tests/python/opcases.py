@@ -111,7 +111,7 @@ class Rig:
     def inp(self, role: str, array, label: str = "", persistent: bool = False):
         """A buffer of `role` holding `array` (any dtype)."""
         array = np.ascontiguousarray(array)
-        buf = self.be.alloc(array.nbytes, role=role, label=label or role, persistent=persistent)
+        buf = self.be.alloc(max(array.nbytes, 4), role=role, label=label or role, persistent=persistent)
         self.be.upload(buf, array)
         return buf
 

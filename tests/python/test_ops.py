@@ -551,8 +551,11 @@ def test_moe_batched_permute_fuse(backend, tmp_path, c):
     t_name = "MoeBatchedPermuteFuse"
     got = rig.fetch_out(sumb, T * H).reshape(T, H)
     routed = T - n_unrouted
-    check_close(t_name, got[:routed], ref[:routed], tol(t_name), "out_sum")
+    if routed:
+        check_close(t_name, got[:routed], ref[:routed], tol(t_name), "out_sum")
     assert np.all(got[routed:] == 0.0), "out_sum rows of tokens without assignments must be zero"
+    if total == 0:
+        return
     rig.check(t_name, gb, rows["gate"], tol(t_name), "bucket_gate rows")
     rig.check(t_name, ub, rows["up"], tol(t_name), "bucket_up rows")
     rig.check(t_name, ab, rows["act"], tol(t_name), "bucket_act rows")

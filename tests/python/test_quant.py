@@ -24,8 +24,8 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), BF16, np.dtype(np.float16)]
@@ -110,7 +110,9 @@ def model_dequantize(wq: np.ndarray, s: np.ndarray, b: np.ndarray, group_size: i
     dtype = s.dtype
     lead, words = wq.shape[:-1], wq.shape[-1]
     cols = words * 32 // bits
-    stream = np.unpackbits(np.ascontiguousarray(wq.reshape(-1, words)).view(np.uint8), axis=1, bitorder="little")
+    stream = np.unpackbits(
+        np.ascontiguousarray(wq.reshape(-1, words)).view(np.uint8), axis=1, bitorder="little"
+    )
     planes = stream.reshape(-1, cols, bits).astype(np.uint32)
     q = (planes << np.arange(bits, dtype=np.uint32)).sum(axis=-1).astype(np.float32)
     q = q.reshape(-1, cols // group_size, group_size)
@@ -196,7 +198,9 @@ def test_mlx_matches_documented_model(dtype, group_size, bits):
     assert_same_bits(wq, mq, "wq")
     assert_same_bits(s, ms, "scales")
     assert_same_bits(b, mb, "biases")
-    assert_same_bits(mlx_dequantize(wq, s, b, group_size, bits), model_dequantize(wq, s, b, group_size, bits), "deq")
+    assert_same_bits(
+        mlx_dequantize(wq, s, b, group_size, bits), model_dequantize(wq, s, b, group_size, bits), "deq"
+    )
 
 
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "f16"])
@@ -281,7 +285,9 @@ def test_dequantize_of_mlx_output(moeflux):
     for dtype in DTYPES:
         w = rng.standard_normal((8, 256)).astype(dtype)
         wq, s, b = mlx_quantize(w, 64, 4)
-        assert_same_bits(moeflux.dequantize(wq, s, b, group_size=64, bits=4), mlx_dequantize(wq, s, b, 64, 4), "deq")
+        assert_same_bits(
+            moeflux.dequantize(wq, s, b, group_size=64, bits=4), mlx_dequantize(wq, s, b, 64, 4), "deq"
+        )
 
 
 def test_defaults_are_mlx_defaults(moeflux):
@@ -320,3 +326,76 @@ def test_errors(moeflux):
         moeflux.dequantize(wq, s[:, :1], b, group_size=64, bits=4)
     with pytest.raises(moeflux.MoefluxError):
         moeflux.dequantize(wq, s, b, group_size=32, bits=4)
+
+
+# ---- the constants embedded in the Rust unit test (src/weights/quant.rs, GOLDEN) ----------------
+
+_M64 = (1 << 64) - 1
+
+
+def golden_input() -> np.ndarray:
+    """`golden_input()` of the Rust test: xorshift64 values in [-1, 1) (exact in f32), per-row
+    powers of two, and special groups."""
+    st_ = 0x9E3779B97F4A7C15
+    exps = [0, -3, 4, -12, 2, 8, -1, -30]
+    out = np.zeros((8, 384), np.float32)
+    for r in range(8):
+        for c in range(384):
+            st_ ^= (st_ << 13) & _M64
+            st_ ^= st_ >> 7
+            st_ ^= (st_ << 17) & _M64
+            v = np.float32(st_ >> 40) * np.float32(2.0**-23) - np.float32(1.0)
+            out[r, c] = v * np.float32(2.0 ** exps[r])
+    out[0, 0:128] = 0.0
+    out[1, 128:256] = 0.75
+    out[2, 0:128] *= np.float32(2.0**-10)
+    out[2, 5] = 40.0
+    out[3, 256:384] -= np.float32(2.0**-10)
+    out[4, 128:256] = -3.5
+    out[6, 0:128] += np.float32(0.25)
+    out[6, 100] = -9.0
+    return out
+
+
+def fnv1a(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & _M64
+    return h
+
+
+RUST_GOLDEN = {
+    ("f32", 2, 32): 0x1A6B635DDBF6BD0C, ("f32", 2, 64): 0x6AC167BC9757DF44, ("f32", 2, 128): 0x209A05B73991549C,
+    ("f32", 3, 32): 0x533AA18BDF3FF840, ("f32", 3, 64): 0xE6D4F373EB9A8853, ("f32", 3, 128): 0x6DD7B46F2FBA363C,
+    ("f32", 4, 32): 0x20DCE61616338A55, ("f32", 4, 64): 0x5037887B00EB05E3, ("f32", 4, 128): 0x5845CC3A323A02EA,
+    ("f32", 6, 32): 0xD69D925D4674A8C1, ("f32", 6, 64): 0x9F12E09DFA9FE518, ("f32", 6, 128): 0x5B89FE0DE1E74868,
+    ("f32", 8, 32): 0xF87A64E4126CC0DB, ("f32", 8, 64): 0xCF961B8FC8F70577, ("f32", 8, 128): 0x883EA51FBCD3DC23,
+    ("bf16", 2, 32): 0x6F5A8F9479CF727D, ("bf16", 2, 64): 0x8BCC0BD8F5530794, ("bf16", 2, 128): 0xACF034F7CC645524,
+    ("bf16", 3, 32): 0x35B6AF46EAE15FDC, ("bf16", 3, 64): 0xE6C5265396DBBBEC, ("bf16", 3, 128): 0xE13A188A3D82E446,
+    ("bf16", 4, 32): 0x0E6E3F06606B60DA, ("bf16", 4, 64): 0x8E51E9ACC4733101, ("bf16", 4, 128): 0x2871EDA2414AF4D1,
+    ("bf16", 6, 32): 0x43D929FE303BCE40, ("bf16", 6, 64): 0x18436BD5D6DCF6B0, ("bf16", 6, 128): 0x103D2926433DDC5B,
+    ("bf16", 8, 32): 0xCF817E6A93A4B97F, ("bf16", 8, 64): 0xC517CEDB7E5AFE00, ("bf16", 8, 128): 0xE97E4F78EB8727DF,
+    ("f16", 2, 32): 0x61E6F5F72CC1103C, ("f16", 2, 64): 0xC2097788436E526D, ("f16", 2, 128): 0x1BCE4C76B25C578D,
+    ("f16", 3, 32): 0x8999A1CF42623788, ("f16", 3, 64): 0x6067BC44251A2E7E, ("f16", 3, 128): 0xFF482CCABE5DF5AA,
+    ("f16", 4, 32): 0x5570F62EA6093A0B, ("f16", 4, 64): 0x8CB3D2A70A7ABAF2, ("f16", 4, 128): 0x49909DBDD4F240F0,
+    ("f16", 6, 32): 0x6A3B7980F7EBCF49, ("f16", 6, 64): 0x5B855771D9DE698C, ("f16", 6, 128): 0x28C30D290D06ADF6,
+    ("f16", 8, 32): 0xE5FA19700D9ADC92, ("f16", 8, 64): 0xB74E80C1984336C9, ("f16", 8, 128): 0xFC0E5310165A256D,
+}  # fmt: skip
+
+
+def test_mlx_reproduces_rust_golden_hashes():
+    """FNV-1a of `wq | scales | biases | mx.dequantize(...)` (raw little-endian bytes) for the Rust
+    unit test's input: regenerates the constants `golden_hashes_match_mlx` checks."""
+    base = golden_input()
+    got = {}
+    for name, dtype in zip(DTYPE_IDS, DTYPES):
+        w = base.astype(dtype)
+        for bits in [2, 3, 4, 6, 8]:
+            for g in GROUPS:
+                wq, s, b = mlx_quantize(w, g, bits)
+                d = mlx_dequantize(wq, s, b, g, bits)
+                got[(name, bits, g)] = fnv1a(
+                    b"".join(np.ascontiguousarray(a).tobytes() for a in (wq, s, b, d))
+                )
+    bad = {k: hex(v) for k, v in got.items() if RUST_GOLDEN[k] != v}
+    assert not bad, f"MLX output changed for: {bad}"

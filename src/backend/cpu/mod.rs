@@ -10,7 +10,7 @@ pub mod norm;
 pub mod pool;
 pub mod view;
 
-use super::{Backend, BufferPool, PoolInfo, Stats};
+use super::{Backend, PoolInfo, Stats};
 use crate::error::{Error, Result};
 use crate::graph::validate::{op_ident, validate_op};
 use crate::graph::{Op, WDtype, WeightRef};
@@ -223,10 +223,6 @@ fn weight_matrix<'w>(
         .ok_or_else(|| Error::bad_data(ident, field, "quantized matrix outside the weight file or misaligned"))
 }
 
-fn pending(ident: &str) -> Error {
-    Error::Backend { backend: "cpu".into(), msg: format!("{ident}: kernel not wired yet") }
-}
-
 fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
     let ident = op_ident(op);
     let io = Io::new(&be.pool, op, &ident);
@@ -286,7 +282,12 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
             let y = io.f32_out("output", output.raw(), *output_off, u(*out_dim) * u(*n_tokens))?;
             matvec::matvec_n_tokens(&w, &x, y, u(*n_tokens));
         }
-        Op::SwigluFusedBatched { .. } => return Err(pending(&ident)),
+        Op::SwigluFusedBatched { gate, up, out, total, .. } => {
+            let g = io.f32_in("gate", gate.raw(), 0, u(*total))?;
+            let up = io.f32_in("up", up.raw(), 0, u(*total))?;
+            let out = io.f32_out("out", out.raw(), 0, u(*total))?;
+            moe::swiglu(&g, &up, out);
+        }
         Op::SdpaCausalTiled {
             q, k, v, attn_out, n_tokens, num_heads, heads_per_kv, head_dim, kv_dim, kv_start, kv_len_total,
             softmax_scale, ..
@@ -325,11 +326,95 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
             let vc = io.f32_out("v_cache", v_cache.raw(), 0, rows)?;
             attn::kv_append(&ks, &vs, kc, vc, u(*kv_dim), u(*n_tokens), u(*kv_start));
         }
-        Op::MoeSoftmaxTopK { .. }
-        | Op::MoeNormalizeWeights { .. }
-        | Op::MoeBatchedPermuteFuse { .. }
-        | Op::MoeGatherIdFuse { .. }
-        | Op::MoeCombineResidualNTokens { .. } => return Err(pending(&ident)),
+        Op::MoeSoftmaxTopK { logits, indices_out, weights_out, n_tokens, n_experts, k, .. } => {
+            let l = io.f32_in("logits", logits.raw(), 0, u(*n_tokens) * u(*n_experts))?;
+            let idx = io.u32_out("indices_out", indices_out.raw(), u(*n_tokens) * u(*k))?;
+            let w = io.f32_out("weights_out", weights_out.raw(), 0, u(*n_tokens) * u(*k))?;
+            moe::softmax_topk(&l, u(*n_tokens), u(*n_experts), u(*k), idx, w);
+        }
+        Op::MoeNormalizeWeights { weights, n_tokens, k, .. } => {
+            let w = io.f32_out("weights", weights.raw(), 0, u(*n_tokens) * u(*k))?;
+            moe::normalize_weights(w, u(*n_tokens), u(*k));
+        }
+        Op::MoeBatchedPermuteFuse {
+            expert_base, expert_stride, layout, expert_indices, expert_slots, bucket_input, bucket_gate,
+            bucket_up, bucket_act, bucket_out, bucket_token_idx, bucket_weights, out_sum, n_tokens, buckets, ..
+        } => {
+            let nb = expert_slots.len();
+            let total = u(*buckets.last().unwrap_or(&0));
+            let (h, i) = (u(layout.hidden_dim), u(layout.inter_dim));
+            let dev_slots = io.u32_in("expert_indices", expert_indices.raw(), nb)?;
+            if dev_slots.as_ref() != expert_slots.as_slice() {
+                return Err(Error::bad_data(
+                    &ident,
+                    "expert_indices",
+                    "device copy differs from expert_slots (upload the slots before running)",
+                ));
+            }
+            let experts = io.bytes_in("expert_base", expert_base.raw())?;
+            let input = io.f32_in("bucket_input", bucket_input.raw(), 0, u(*n_tokens) * h)?;
+            let tok = io.u32_in("bucket_token_idx", bucket_token_idx.raw(), total)?;
+            let wts = io.f32_in("bucket_weights", bucket_weights.raw(), 0, total)?;
+            let scratch = moe::MoeScratch {
+                gate: io.f32_out("bucket_gate", bucket_gate.raw(), 0, total * i)?,
+                up: io.f32_out("bucket_up", bucket_up.raw(), 0, total * i)?,
+                act: io.f32_out("bucket_act", bucket_act.raw(), 0, total * i)?,
+                out: io.f32_out("bucket_out", bucket_out.raw(), 0, total * h)?,
+            };
+            let sum = io.f32_out("out_sum", out_sum.raw(), 0, u(*n_tokens) * h)?;
+            moe::moe_buckets(
+                experts,
+                *expert_stride as usize,
+                layout,
+                expert_slots,
+                buckets,
+                &input,
+                &tok,
+                &wts,
+                scratch,
+                sum,
+                u(*n_tokens),
+            )
+            .map_err(|(field, msg)| Error::bad_data(&ident, field, msg))?;
+        }
+        Op::MoeGatherIdFuse {
+            expert_base, expert_stride, layout, indices, weights, mlp_in, out_sum, htpe, hids, gate_mid, up_mid,
+            down_mid, n_tokens, n_experts, k, ..
+        } => {
+            let (h, i) = (u(layout.hidden_dim), u(layout.inter_dim));
+            let nk = u(*n_tokens) * u(*k);
+            let experts = io.bytes_in("expert_base", expert_base.raw())?;
+            let idx = io.u32_in("indices", indices.raw(), nk)?;
+            let w = io.f32_in("weights", weights.raw(), 0, nk)?;
+            let x = io.f32_in("mlp_in", mlp_in.raw(), 0, u(*n_tokens) * h)?;
+            moe::moe_gather_id(
+                experts,
+                *expert_stride as usize,
+                layout,
+                &idx,
+                &w,
+                &x,
+                io.f32_out("out_sum", out_sum.raw(), 0, u(*n_tokens) * h)?,
+                io.u32_out("htpe", htpe.raw(), u(*n_experts))?,
+                io.u32_out("hids", hids.raw(), nk)?,
+                io.f32_out("gate_mid", gate_mid.raw(), 0, nk * i)?,
+                io.f32_out("up_mid", up_mid.raw(), 0, nk * i)?,
+                io.f32_out("down_mid", down_mid.raw(), 0, nk * h)?,
+                u(*n_tokens),
+                u(*n_experts),
+                u(*k),
+            )
+            .map_err(|(field, msg)| Error::bad_data(&ident, field, msg))?;
+        }
+        Op::MoeCombineResidualNTokens { h_mid, moe_sum, shared_out, shared_gate, hidden_out, n_tokens, dim, .. } => {
+            let n = u(*n_tokens) * u(*dim);
+            let hm = io.f32_in("h_mid", h_mid.raw(), 0, n)?;
+            let ms = io.f32_in("moe_sum", moe_sum.raw(), 0, n)?;
+            let so = io.f32_in("shared_out", shared_out.raw(), 0, n)?;
+            let sg = io.f32_in("shared_gate", shared_gate.raw(), 0, u(*n_tokens))?;
+            let out = io.f32_out("hidden_out", hidden_out.raw(), 0, n)?;
+            moe::combine_residual(&hm, &ms, &so, &sg, out, u(*n_tokens), u(*dim));
+        }
         Op::Conv1dStepNTokens { qkv_in, conv_state, weight_off, conv_out, conv_dim, n_tokens, weight_dtype, .. } => {
             let n = u(*n_tokens) * u(*conv_dim);
             let w = weight_vec(wb, &ident, "weight_off", *weight_off, conv_dim * 4, *weight_dtype)?;
