@@ -76,7 +76,8 @@ def collect_corpus(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, s
             train.append((rel, text))
     summary = {
         "corpus_dir": str(root),
-        "python_version": platform.python_version(),
+        "interpreter_python_version": platform.python_version(),
+        "corpus_python_version": corpus_version_guess(root),
         "n_files": len(train) + len(heldout),
         "n_train_files": len(train),
         "n_heldout_files": len(heldout),
@@ -89,6 +90,14 @@ def collect_corpus(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, s
         "heldout_files": heldout_list,
     }
     return train, heldout, summary
+
+
+def corpus_version_guess(root: Path) -> str | None:
+    """The Python version named in the corpus path (``.../python3.11`` or a copy named ``python3.11.7``)."""
+    import re
+
+    found = re.findall(r"python(3\.\d+(?:\.\d+)?)", str(root.resolve()))
+    return found[-1] if found else None
 
 
 def is_heldout(rel: str) -> bool:
@@ -307,7 +316,7 @@ def eval_only(args) -> None:
         json.dumps(
             {
                 "model": str(args.eval_only),
-                "python_version": summary["python_version"],
+                "corpus_python_version": summary["corpus_python_version"],
                 "heldout_files": summary["n_heldout_files"],
                 "file_list_sha256": summary["file_list_sha256"],
                 "heldout_loss": loss,
@@ -344,7 +353,7 @@ def main(argv=None) -> None:
     # Corpus and tokenizer
     train_files, heldout_files, corpus = collect_corpus(args.corpus_dir)
     log(
-        f"corpus: {corpus['corpus_dir']} (Python {corpus['python_version']}): {corpus['n_train_files']} train / "
+        f"corpus: {corpus['corpus_dir']} (Python {corpus['corpus_python_version']}): {corpus['n_train_files']} train / "
         f"{corpus['n_heldout_files']} held-out files, {corpus['train_bytes']} / {corpus['heldout_bytes']} bytes, "
         f"{corpus['n_skipped_non_utf8']} non-UTF-8 skipped, file list sha256 {corpus['file_list_sha256'][:16]}"
     )

@@ -28,17 +28,18 @@ class Graph:
         >>> import numpy as np, moeflux
         >>> from moeflux import ops
         >>> be = moeflux.Backend("cpu")
-        >>> x = be.alloc(8, role="act", label="x")
-        >>> g = moeflux.Graph([ops.ZeroBuffer(x, n_bytes=4, label="z")])
-        >>> g.add(ops.ZeroBuffer(x, n_bytes=8, label="z2"))
-        Graph(2 ops)
-        >>> be.upload(x, np.ones(2, np.float32))
-        >>> g.set_u32(0, "n_bytes", 8)
-        >>> g.ops[0].n_bytes
-        8
-        >>> be.execute(g, label="step")
+        >>> x, gate = be.alloc(16, role="act", label="x"), be.alloc(16, role="act", label="gate")
+        >>> be.upload(x, np.full(4, 2, np.float32))  # gate stays 0: sigmoid(0) = 0.5
+        >>> g = moeflux.Graph([ops.SigmoidGateNTokens(x, gate, dim=2, n_tokens=1, label="gate")])
+        >>> be.execute(g)  # token 0 only
+        >>> g.set_u32(0, "n_tokens", 2)
+        >>> g.ops[0].n_tokens
+        2
+        >>> be.execute(g, label="step")  # both tokens, same compiled graph
         >>> be.download(x)
-        array([0., 0.], dtype=float32)
+        array([0.5, 0.5, 1. , 1. ], dtype=float32)
+        >>> g.add(ops.ZeroBuffer(x, n_bytes=16))
+        Graph(2 ops)
     """
 
     __slots__ = ("_compiled", "_ops")

@@ -30,7 +30,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
-_SKIP_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.", "language_model.vision_tower.")
+_SKIP_PREFIXES = (
+    "model.visual.",
+    "visual.",
+    "vision_tower.",
+    "model.vision_tower.",
+    "language_model.vision_tower.",
+)
 _SKIP_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
@@ -95,7 +101,18 @@ class _Entry:
         self.dtype = dtype
 
 
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "I64": 8, "BOOL": 1}
+_DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "U8": 1,
+    "I8": 1,
+    "I64": 8,
+    "BOOL": 1,
+}
 
 
 class Checkpoint:
@@ -132,6 +149,10 @@ class Checkpoint:
                     sl = h.get_slice(src)
                     entry = _Entry(src, fi, tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
                     prev = self._entries.get(canon)
+                    if prev is not None and prev.source == src:
+                        raise CheckpointError(
+                            f"{self.path}: tensor `{src}` is in both {self.files[prev.file].name} and {f.name}"
+                        )
                     if prev is not None:
                         raise CheckpointError(
                             f"{self.path}: tensors `{prev.source}` ({self.files[prev.file].name}) and `{src}` "
@@ -250,7 +271,9 @@ class Checkpoint:
         """Read ``tensor[index]`` of a stacked tensor (only that slice is read)."""
         e = self._entry(name)
         if not e.shape or not 0 <= index < e.shape[0]:
-            raise CheckpointError(f"{self.path}: index {index} out of range for `{e.source}` of shape {list(e.shape)}")
+            raise CheckpointError(
+                f"{self.path}: index {index} out of range for `{e.source}` of shape {list(e.shape)}"
+            )
         try:
             arr = self._handles[e.file].get_slice(e.source)[index : index + 1]
         except Exception as exc:

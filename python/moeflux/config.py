@@ -11,11 +11,12 @@ settings nested under ``text_config``, or the flat text-only ``qwen3_5_moe_text`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 try:  # the compiled binding defines the error hierarchy
     from moeflux._core import MoefluxError
@@ -240,7 +241,7 @@ class ModelConfig:
                     except (ValueError, OSError):
                         eos = ()
                     if eos:
-                        object.__setattr__(cfg, "eos_token_ids", eos)
+                        cfg = dataclasses.replace(cfg, eos_token_ids=eos)
             return cfg
         return cls.from_file(p)
 
@@ -345,7 +346,9 @@ def _text_dict(d: Dict[str, Any], source: str) -> Tuple[str, Dict[str, Any], boo
     mt = d.get("model_type")
     if mt is None:
         arch = d.get("architectures")
-        raise ConfigError(f"{source}: no `model_type` (architectures: {arch!r}); cannot tell the architecture")
+        raise ConfigError(
+            f"{source}: no `model_type` (architectures: {arch!r}); cannot tell the architecture"
+        )
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"{source}: unsupported architecture model_type={mt!r} "
@@ -357,7 +360,9 @@ def _text_dict(d: Dict[str, Any], source: str) -> Tuple[str, Dict[str, Any], boo
             raise ConfigError(f"{source}: `text_config` must be an object")
         inner = tc.get("model_type")
         if inner is not None and inner not in ("qwen3_5_moe_text", "qwen3_5_moe"):
-            raise ConfigError(f"{source}: unsupported text_config.model_type={inner!r} (expected qwen3_5_moe_text)")
+            raise ConfigError(
+                f"{source}: unsupported text_config.model_type={inner!r} (expected qwen3_5_moe_text)"
+            )
         return mt, tc, True
     return mt, d, False
 
@@ -398,7 +403,9 @@ def _rope(r: _Reader, mt: str) -> Tuple[float, float]:
     if r.has("partial_rotary_factor"):
         p = r.float("partial_rotary_factor")
         if prf is not None and p != prf:
-            raise r.err(f"`partial_rotary_factor` = {p} disagrees with rope_parameters.partial_rotary_factor = {prf}")
+            raise r.err(
+                f"`partial_rotary_factor` = {p} disagrees with rope_parameters.partial_rotary_factor = {prf}"
+            )
         prf = p
     if theta is None:
         raise r.err("missing `rope_theta` (neither rope_parameters.rope_theta nor the legacy top-level key)")
@@ -434,7 +441,9 @@ def _layer_attention(r: _Reader, n_layers: int) -> List[str]:
 def _layer_mlp(r: _Reader, mt: str, n_layers: int, num_experts: int) -> List[str]:
     if mt == "qwen3_next":
         only = r.d.get("mlp_only_layers") or []
-        if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        if not isinstance(only, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in only
+        ):
             raise r.err(f"`mlp_only_layers` must be a list of layer indices, got {only!r}")
         bad = [i for i in only if not 0 <= i < n_layers]
         if bad:
@@ -511,7 +520,9 @@ def _parse(d: Dict[str, Any], source: str) -> ModelConfig:
         raise r.err(f"head_dim = {head_dim} must be even")
     rd = int(head_dim * prf)
     if rd < 2 or rd % 2 or rd > head_dim:
-        raise r.err(f"rotary dim head_dim * partial_rotary_factor = {head_dim} * {prf} must be an even number in [2, head_dim]")
+        raise r.err(
+            f"rotary dim head_dim * partial_rotary_factor = {head_dim} * {prf} must be an even number in [2, head_dim]"
+        )
 
     # tie_word_embeddings: the text settings win, then the wrapper's (mlx_lm reads text_config)
     tie_default = bool(d.get("tie_word_embeddings", False)) if wrapped else False
@@ -560,4 +571,3 @@ def _parse(d: Dict[str, Any], source: str) -> ModelConfig:
         quantization=quant,
         raw=d,
     )
-

@@ -82,18 +82,27 @@ class ConvertError(MoefluxError, ValueError):
 def qkvz_row_permutation(cfg: ModelConfig) -> np.ndarray:
     """Row order turning Qwen3-Next ``in_proj_qkvz`` (per key head ``[q(dk) k(dk) v(r*dv) z(r*dv)]``)
     into ``[Q all | K all | V all | Z all]``: ``new_rows = old_rows[perm]``."""
-    nk, dk, r, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.v_heads_per_k, cfg.linear_value_head_dim
+    nk, dk, r, dv = (
+        cfg.linear_num_key_heads,
+        cfg.linear_key_head_dim,
+        cfg.v_heads_per_k,
+        cfg.linear_value_head_dim,
+    )
     group = 2 * dk + 2 * r * dv
     base = np.arange(nk, dtype=np.int64)[:, None] * group
     parts = [(0, dk), (dk, dk), (2 * dk, r * dv), (2 * dk + r * dv, r * dv)]
-    return np.concatenate([(base + start + np.arange(n, dtype=np.int64)[None, :]).reshape(-1) for start, n in parts])
+    return np.concatenate(
+        [(base + start + np.arange(n, dtype=np.int64)[None, :]).reshape(-1) for start, n in parts]
+    )
 
 
 def ba_row_permutation(cfg: ModelConfig) -> np.ndarray:
     """Row order turning ``in_proj_ba`` (per key head ``[b(r) a(r)]``) into ``[B all | A all]``."""
     nk, r = cfg.linear_num_key_heads, cfg.v_heads_per_k
     base = np.arange(nk, dtype=np.int64)[:, None] * (2 * r)
-    return np.concatenate([(base + start + np.arange(r, dtype=np.int64)[None, :]).reshape(-1) for start in (0, r)])
+    return np.concatenate(
+        [(base + start + np.arange(r, dtype=np.int64)[None, :]).reshape(-1) for start in (0, r)]
+    )
 
 
 def expert_block_bytes(hidden_dim: int, inter_dim: int, bits: int, group_size: int, scale_dtype: str) -> int:
@@ -175,7 +184,9 @@ class _BlobWriter:
         self.offset = 0
         self.tensors: Dict[str, Dict[str, Any]] = {}
 
-    def add(self, name: str, arr: np.ndarray, bits: Optional[int] = None, group_size: Optional[int] = None) -> None:
+    def add(
+        self, name: str, arr: np.ndarray, bits: Optional[int] = None, group_size: Optional[int] = None
+    ) -> None:
         if name in self.tensors:
             raise ConvertError(f"internal: tensor `{name}` written twice")
         arr = _le(arr)
@@ -188,7 +199,12 @@ class _BlobWriter:
             self.offset += pad
         data = arr.tobytes()
         self.f.write(data)
-        info: Dict[str, Any] = {"offset": self.offset, "size": len(data), "shape": list(arr.shape), "dtype": dt}
+        info: Dict[str, Any] = {
+            "offset": self.offset,
+            "size": len(data),
+            "shape": list(arr.shape),
+            "dtype": dt,
+        }
         if bits is not None:
             info["bits"] = int(bits)
             info["group_size"] = int(group_size)  # type: ignore[arg-type]
@@ -204,7 +220,12 @@ class _BlobWriter:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        manifest = {"format": "moeflux-weights", "version": 1, "file_size": self.offset, "tensors": self.tensors}
+        manifest = {
+            "format": "moeflux-weights",
+            "version": 1,
+            "file_size": self.offset,
+            "tensors": self.tensors,
+        }
         with open(str(self.path) + ".json", "w") as f:
             json.dump(manifest, f, indent=None, sort_keys=True)
             f.flush()
@@ -332,7 +353,9 @@ class _Planner:
         b = bits if bits is not None else (src_bits if isinstance(src_bits, int) else 4)
         g = group_size if group_size is not None else (src_gs if isinstance(src_gs, int) else 64)
         if b not in SUPPORTED_BITS:
-            raise ConvertError(f"bits = {b} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+            raise ConvertError(
+                f"bits = {b} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})"
+            )
         if g not in SUPPORTED_GROUP_SIZES:
             raise ConvertError(
                 f"group_size = {g} is not supported (supported: {', '.join(map(str, SUPPORTED_GROUP_SIZES))})"
@@ -376,8 +399,9 @@ class _Planner:
                 "every Linear must be quantizable (choose another --group-size)"
             )
 
-    def linear(self, module: str, rows: int, cols: int, perm: Optional[np.ndarray] = None,
-               gate: bool = False) -> None:
+    def linear(
+        self, module: str, rows: int, cols: int, perm: Optional[np.ndarray] = None, gate: bool = False
+    ) -> None:
         """A Linear (or the embedding) ``[rows, cols]`` -> quantized ``module.{weight,scales,biases}``."""
         ck = self.ck
         wname = f"{module}.weight"
@@ -385,10 +409,14 @@ class _Planner:
             sname, bname = f"{module}.scales", f"{module}.biases"
             w_shape, s_shape = ck.shape(wname), ck.shape(sname)
             if len(w_shape) != 2 or ck.dtype(wname) != "U32":
-                raise CheckpointError(f"{ck.path}: quantized `{ck.source_name(wname)}` must be a 2-D U32 tensor")
+                raise CheckpointError(
+                    f"{ck.path}: quantized `{ck.source_name(wname)}` must be a 2-D U32 tensor"
+                )
             if ck.shape(bname) != s_shape:
-                raise CheckpointError(f"{ck.path}: `{module}` scales {list(s_shape)} and biases "
-                                      f"{list(ck.shape(bname))} differ in shape")
+                raise CheckpointError(
+                    f"{ck.path}: `{module}` scales {list(s_shape)} and biases "
+                    f"{list(ck.shape(bname))} differ in shape"
+                )
             self._float_dtype(sname)
             qb, qg = self._infer_quant(module, w_shape, s_shape, rows, cols)
             self._use(wname, sname, bname)
@@ -435,13 +463,17 @@ class _Planner:
         c, k = cfg.conv_dim, cfg.linear_conv_kernel_dim
         ck.expect(name, (c, 1, k) if self.layout == "hf" else (c, k, 1), float_only=True)
         self._use(name)
-        self.jobs.append(_Job(name, ck.nbytes(name), lambda: self.writer.add(name, ck.get(name).reshape(c, k))))
+        self.jobs.append(
+            _Job(name, ck.nbytes(name), lambda: self.writer.add(name, ck.get(name).reshape(c, k)))
+        )
 
     def vector_f32(self, name: str, dim: int) -> None:
         ck = self.ck
         ck.expect(name, (dim,), float_only=True)
         self._use(name)
-        self.jobs.append(_Job(name, ck.nbytes(name), lambda: self.writer.add(name, ck.get(name).astype(np.float32))))
+        self.jobs.append(
+            _Job(name, ck.nbytes(name), lambda: self.writer.add(name, ck.get(name).astype(np.float32)))
+        )
 
     # ---- experts
 
@@ -461,9 +493,16 @@ class _Planner:
                 rows, cols = shapes[n]
                 if quantized:
                     w_shape, s_shape = ck.shape(f"{base}.weight"), ck.shape(f"{base}.scales")
-                    if len(w_shape) != 3 or w_shape[0] != E or s_shape[0] != E or ck.dtype(f"{base}.weight") != "U32":
-                        raise CheckpointError(f"{ck.path}: `{ck.source_name(base + '.weight')}` has shape "
-                                              f"{list(w_shape)}; expected [{E}, {rows}, packed] U32")
+                    if (
+                        len(w_shape) != 3
+                        or w_shape[0] != E
+                        or s_shape[0] != E
+                        or ck.dtype(f"{base}.weight") != "U32"
+                    ):
+                        raise CheckpointError(
+                            f"{ck.path}: `{ck.source_name(base + '.weight')}` has shape "
+                            f"{list(w_shape)}; expected [{E}, {rows}, packed] U32"
+                        )
                     if ck.shape(f"{base}.biases") != s_shape:
                         raise CheckpointError(f"{ck.path}: `{base}` scales and biases differ in shape")
                     fmt[n] = self._infer_quant(base, w_shape, s_shape, rows, cols)
@@ -478,8 +517,10 @@ class _Planner:
                     nbytes += ck.nbytes(f"{base}.weight")
             if quantized:
                 if len(set(fmt.values())) != 1:
-                    raise ConvertError(f"{ck.path}: experts of layer {layer} mix quantizations {fmt}; one expert "
-                                       "block needs one bits/group size")
+                    raise ConvertError(
+                        f"{ck.path}: experts of layer {layer} mix quantizations {fmt}; one expert "
+                        "block needs one bits/group size"
+                    )
                 bits, gs = next(iter(fmt.values()))
             else:
                 bits, gs = self.bits, self.group_size
@@ -489,8 +530,15 @@ class _Planner:
                 for n in projs:
                     base = f"{p}.switch_mlp.{n}"
                     if quantized:
-                        out.append(_QMat(ck.get_index(f"{base}.weight", e), ck.get_index(f"{base}.scales", e),
-                                         ck.get_index(f"{base}.biases", e), bits, gs))
+                        out.append(
+                            _QMat(
+                                ck.get_index(f"{base}.weight", e),
+                                ck.get_index(f"{base}.scales", e),
+                                ck.get_index(f"{base}.biases", e),
+                                bits,
+                                gs,
+                            )
+                        )
                     else:
                         out.append(_quantize(ck.get_index(f"{base}.weight", e), gs, bits))
                 return out[0], out[1], out[2]
@@ -511,8 +559,11 @@ class _Planner:
 
             def read(e: int) -> Tuple[_QMat, _QMat, _QMat]:
                 g_u = ck.get_index(gu, e)
-                return (_quantize(g_u[:inter], gs, bits), _quantize(g_u[inter:], gs, bits),
-                        _quantize(ck.get_index(dn, e), gs, bits))
+                return (
+                    _quantize(g_u[:inter], gs, bits),
+                    _quantize(g_u[inter:], gs, bits),
+                    _quantize(ck.get_index(dn, e), gs, bits),
+                )
 
         else:
             dtypes = set()
@@ -534,7 +585,13 @@ class _Planner:
 
         if len(dtypes) != 1:
             raise ConvertError(f"{ck.path}: experts of layer {layer} mix dtypes {sorted(dtypes)}")
-        layout = {"hidden_dim": H, "inter_dim": inter, "bits": bits, "group_size": gs, "scale_dtype": dtypes.pop()}
+        layout = {
+            "hidden_dim": H,
+            "inter_dim": inter,
+            "bits": bits,
+            "group_size": gs,
+            "scale_dtype": dtypes.pop(),
+        }
         if self.expert_layout is None:
             self.expert_layout = layout
         elif self.expert_layout != layout:
@@ -738,7 +795,9 @@ def _write_experts(planner: _Planner, tmp: Path, bar: _Progress) -> Dict[str, An
                 parts = read(e)
                 data = b"".join(q.block_bytes() for q in parts)
                 if len(data) != block:
-                    raise ConvertError(f"internal: expert {e} of layer {layer} packs to {len(data)} bytes, not {block}")
+                    raise ConvertError(
+                        f"internal: expert {e} of layer {layer} packs to {len(data)} bytes, not {block}"
+                    )
                 f.write(data)
                 f.write(pad)
                 bar.advance(nbytes // cfg.num_experts, f"layer {layer} experts {e + 1}/{cfg.num_experts}")
@@ -805,7 +864,9 @@ class ModelDir:
     @property
     def lm_head(self) -> str:
         """Name of the quantized output matrix: ``lm_head`` or, when tied, ``model.embed_tokens``."""
-        return self.meta.get("lm_head", "model.embed_tokens" if self.config.tie_word_embeddings else "lm_head")
+        return self.meta.get(
+            "lm_head", "model.embed_tokens" if self.config.tie_word_embeddings else "lm_head"
+        )
 
     @classmethod
     def open(cls, path: PathLike) -> "ModelDir":
@@ -825,7 +886,9 @@ class ModelDir:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ConvertError(f"{marker}: format is not {FORMAT!r}")
         if meta.get("version") != VERSION:
-            raise ConvertError(f"{marker}: version {meta.get('version')!r} is not supported (expected {VERSION})")
+            raise ConvertError(
+                f"{marker}: version {meta.get('version')!r} is not supported (expected {VERSION})"
+            )
         cfg = ModelConfig.load(p)
         for f in (p / WEIGHTS, p / (WEIGHTS + ".json")):
             if not f.is_file():
@@ -833,13 +896,17 @@ class ModelDir:
         md = cls(p, meta, cfg)
         files = md.expert_files
         if sorted(files) != cfg.moe_layers:
-            raise ConvertError(f"{marker}: expert files for layers {sorted(files)}, but the config's MoE layers are "
-                               f"{cfg.moe_layers}")
+            raise ConvertError(
+                f"{marker}: expert files for layers {sorted(files)}, but the config's MoE layers are "
+                f"{cfg.moe_layers}"
+            )
         if files:
             lay = md.expert_layout or {}
             want = expert_stride(**lay)
             if md.expert_stride != want:
-                raise ConvertError(f"{marker}: expert_stride {md.expert_stride} does not match the layout ({want})")
+                raise ConvertError(
+                    f"{marker}: expert_stride {md.expert_stride} does not match the layout ({want})"
+                )
             size = md.expert_stride * cfg.num_experts
             for layer, f in files.items():
                 if not f.is_file() or f.stat().st_size != size:
@@ -903,4 +970,3 @@ def as_model_dir(
             return dst
         raise
     return dst
-

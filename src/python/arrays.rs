@@ -30,7 +30,10 @@ fn bfloat16(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 
 /// A NumPy dtype from anything `np.dtype` accepts, plus the engine's short names (`"f32"`,
 /// `"bf16"`, `"f16"`, `"u32"`, `"u8"`); `None` means float32.
-pub(crate) fn resolve_dtype<'py>(py: Python<'py>, spec: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyArrayDescr>> {
+pub(crate) fn resolve_dtype<'py>(
+    py: Python<'py>,
+    spec: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyArrayDescr>> {
     let np = np(py)?;
     let d = match spec {
         None => np.call_method1("dtype", ("float32",))?,
@@ -88,7 +91,10 @@ pub(crate) fn raw(arr: &Bound<'_, PyUntypedArray>) -> RawArray {
 /// Bring host data to a C-contiguous, aligned ndarray: NumPy arrays and scalars (copied only if
 /// needed) or bytes-like objects (viewed as uint8). Anything else is a `TypeError`, so a Python
 /// list is never silently turned into float64.
-pub(crate) fn host_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyUntypedArray>> {
+pub(crate) fn host_array<'py>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<Bound<'py, PyUntypedArray>> {
     let py = obj.py();
     let np = np(py)?;
     let generic = np.getattr("generic")?;
@@ -114,7 +120,11 @@ pub(crate) fn host_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<B
 
 /// A shape from an int or a sequence of ints (each >= 0).
 pub(crate) fn shape_arg(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
-    let bad = || Kind::Size.err(format!("shape must be an int or a sequence of non-negative ints, got {obj}"));
+    let bad = || {
+        Kind::Size.err(format!(
+            "shape must be an int or a sequence of non-negative ints, got {obj}"
+        ))
+    };
     if let Ok(n) = obj.extract::<i64>() {
         return usize::try_from(n).map(|n| vec![n]).map_err(|_| bad());
     }
@@ -127,7 +137,11 @@ pub(crate) fn shape_arg(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
 }
 
 /// A fresh uninitialised C-contiguous array.
-pub(crate) fn empty<'py>(py: Python<'py>, shape: &[usize], dtype: &Bound<'py, PyArrayDescr>) -> PyResult<Bound<'py, PyUntypedArray>> {
+pub(crate) fn empty<'py>(
+    py: Python<'py>,
+    shape: &[usize],
+    dtype: &Bound<'py, PyArrayDescr>,
+) -> PyResult<Bound<'py, PyUntypedArray>> {
     let shape = PyTuple::new(py, shape)?;
     Ok(np(py)?
         .call_method1("empty", (shape, dtype))?
@@ -148,7 +162,8 @@ pub(crate) unsafe fn readonly_view<'py>(
     let base = PyArray1::<u8>::borrow_from_array(&ArrayView1::from(bytes), owner);
     base.call_method1("setflags", (false,))?;
     let shape = PyTuple::new(py, shape)?;
-    base.call_method1("view", (dtype,))?.call_method1("reshape", (shape,))
+    base.call_method1("view", (dtype,))?
+        .call_method1("reshape", (shape,))
 }
 
 /// An owned array from a `Vec` (moved, not copied) with `shape`, viewed as `dtype` if given.

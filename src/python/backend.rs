@@ -56,7 +56,13 @@ pub struct PyPlanReport {
 #[pymethods]
 impl PyPlanReport {
     #[new]
-    fn new(logical_bytes: u64, physical_bytes: u64, lower_bound_bytes: u64, aliased_buffers: u64, colors: u64) -> Self {
+    fn new(
+        logical_bytes: u64,
+        physical_bytes: u64,
+        lower_bound_bytes: u64,
+        aliased_buffers: u64,
+        colors: u64,
+    ) -> Self {
         PyPlanReport {
             logical_bytes,
             physical_bytes,
@@ -122,7 +128,9 @@ fn compiled<'py>(graph: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyCompiledGra
     }
     if let Ok(f) = graph.getattr(intern!(py, "compile")) {
         return f.call0()?.downcast_into::<PyCompiledGraph>().map_err(|e| {
-            PyTypeError::new_err(format!("graph.compile() must return a moeflux._core.CompiledGraph: {e}"))
+            PyTypeError::new_err(format!(
+                "graph.compile() must return a moeflux._core.CompiledGraph: {e}"
+            ))
         });
     }
     if graph.downcast::<PyList>().is_ok() || graph.downcast::<PyTuple>().is_ok() {
@@ -143,7 +151,11 @@ pub struct PyBackend {
 
 impl PyBackend {
     /// Run `f` on the backend without the GIL, under the lock, with panics caught.
-    fn run<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Imp) -> Result<R> + Send) -> PyResult<R> {
+    fn run<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Imp) -> Result<R> + Send,
+    ) -> PyResult<R> {
         Ok(py.allow_threads(|| {
             catch(|| {
                 let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -196,10 +208,20 @@ impl PyBackend {
 
     /// A zero-filled buffer of `nbytes` with `role`.
     #[pyo3(signature = (nbytes, role = "act", label = String::new(), persistent = false))]
-    fn alloc(&self, py: Python<'_>, nbytes: i64, role: &str, label: String, persistent: bool) -> PyResult<PyBufId> {
+    fn alloc(
+        &self,
+        py: Python<'_>,
+        nbytes: i64,
+        role: &str,
+        label: String,
+        persistent: bool,
+    ) -> PyResult<PyBufId> {
         let role = role_arg(role)?;
         let n = size_arg(nbytes, &label, "nbytes")?;
-        let raw = self.run(py, |imp| on!(imp, be => be.pool_mut().alloc_role(n, role, &label, persistent)))?;
+        let raw = self.run(
+            py,
+            |imp| on!(imp, be => be.pool_mut().alloc_role(n, role, &label, persistent)),
+        )?;
         Ok(PyBufId {
             raw,
             role,
@@ -222,9 +244,10 @@ impl PyBackend {
         let role = role_arg(role)?;
         let n = size_arg(nbytes, &label, "nbytes")?;
         let a = size_arg(alignment, &label, "alignment")?;
-        let raw = self.run(py, |imp| {
-            on!(imp, be => be.pool_mut().alloc_aligned_role(n, a, role, &label, persistent))
-        })?;
+        let raw = self.run(
+            py,
+            |imp| on!(imp, be => be.pool_mut().alloc_aligned_role(n, a, role, &label, persistent)),
+        )?;
         Ok(PyBufId {
             raw,
             role,
@@ -265,8 +288,15 @@ impl PyBackend {
                 // SAFETY: the array's data stays valid while `owner` (a reference to it) lives,
                 // and the pool keeps `owner` as long as any id uses the memory.
                 Imp::Cpu(be) => unsafe {
-                    be.pool_mut()
-                        .register_borrowed_role(ptr as *mut u8, len, writable, owner, role, &label, persistent)
+                    be.pool_mut().register_borrowed_role(
+                        ptr as *mut u8,
+                        len,
+                        writable,
+                        owner,
+                        role,
+                        &label,
+                        persistent,
+                    )
                 },
             })?;
             Ok(PyBufId {
@@ -291,12 +321,22 @@ impl PyBackend {
         length: Option<i64>,
     ) -> PyResult<PyBufId> {
         let role = role_arg(role)?;
-        let offset = size_arg(offset, &label, "offset")? as u64;
-        let length = length.map(|l| size_arg(l, &label, "length")).transpose()?;
+        let non_negative = |v: i64, what: &str| {
+            u64::try_from(v).map_err(|_| {
+                Kind::Size.err(format!(
+                    "register_file: {what} must be non-negative, got {v}"
+                ))
+            })
+        };
+        let offset = non_negative(offset, "offset")?;
+        let length = length.map(|l| non_negative(l, "length")).transpose()?;
         let (raw, len) = self.run(py, |imp| {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(path.display(), e))?;
-            let flen = file.metadata().map_err(|e| Error::io(path.display(), e))?.len();
-            let len = length.map_or(flen.saturating_sub(offset), |l| l as u64);
+            let flen = file
+                .metadata()
+                .map_err(|e| Error::io(path.display(), e))?
+                .len();
+            let len = length.unwrap_or(flen.saturating_sub(offset));
             let fits = matches!(offset.checked_add(len), Some(end) if end <= flen);
             if !fits {
                 return Err(Error::SizeMismatch {
@@ -333,17 +373,33 @@ impl PyBackend {
     }
 
     /// Copy `array`'s bytes to the start of `buf` (it may be shorter than the buffer).
-    fn upload(&self, py: Python<'_>, buf: &Bound<'_, PyBufId>, array: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn upload(
+        &self,
+        py: Python<'_>,
+        buf: &Bound<'_, PyBufId>,
+        array: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         self.upload_at(py, buf, 0, array)
     }
 
     /// Copy `array`'s bytes into `buf` at byte `offset`; the range must fit.
-    fn upload_at(&self, py: Python<'_>, buf: &Bound<'_, PyBufId>, offset: i64, array: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn upload_at(
+        &self,
+        py: Python<'_>,
+        buf: &Bound<'_, PyBufId>,
+        offset: i64,
+        array: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         guard(|| {
             let b = buf.get();
             let arr = arrays::host_array(array, "upload")?;
             let r = arrays::raw(&arr);
-            let off = size_arg(offset, &b.label, "upload_at offset")?;
+            let off = usize::try_from(offset).map_err(|_| {
+                Kind::Size.err(format!(
+                    "buffer `{}`: upload_at: offset must be non-negative, got {offset}",
+                    b.label
+                ))
+            })?;
             let (ptr, len) = (r.ptr as usize, r.nbytes);
             self.run(py, |imp| {
                 on!(imp, be => check_buf(be.pool(), b, "upload"))?;
@@ -360,7 +416,8 @@ impl PyBackend {
                         // source and destination slices never alias.
                         let dst = be.pool().address(b.raw)? + off;
                         if len > 0 && ptr < dst.saturating_add(len) && dst < ptr + len {
-                            be.pool_mut().upload_at(id, off, &src.to_vec())
+                            let copy: Vec<u8> = src.to_owned();
+                            be.pool_mut().upload_at(id, off, &copy)
                         } else {
                             be.pool_mut().upload_at(id, off, src)
                         }
@@ -385,7 +442,10 @@ impl PyBackend {
             let dt = arrays::resolve_dtype(py, dtype.filter(|d| !d.is_none()))?;
             arrays::check_plain(&dt, "download")?;
             let item = dt.itemsize();
-            let size = self.run(py, |imp| on!(imp, be => check_buf(be.pool(), b, "download")))?;
+            let size = self.run(
+                py,
+                |imp| on!(imp, be => check_buf(be.pool(), b, "download")),
+            )?;
             let shape = match shape.filter(|s| !s.is_none()) {
                 Some(s) => arrays::shape_arg(s)?,
                 None => {
@@ -446,7 +506,12 @@ impl PyBackend {
     /// Colour the graph's transient buffers by lifetime and share memory between ids of one
     /// colour (`alias=False` only reports).
     #[pyo3(signature = (graph, alias = true))]
-    fn commit_plan(&self, py: Python<'_>, graph: &Bound<'_, PyAny>, alias: bool) -> PyResult<PyPlanReport> {
+    fn commit_plan(
+        &self,
+        py: Python<'_>,
+        graph: &Bound<'_, PyAny>,
+        alias: bool,
+    ) -> PyResult<PyPlanReport> {
         guard(|| {
             let cg = compiled(graph)?;
             let cg = cg.get();
@@ -468,7 +533,9 @@ impl PyBackend {
 
     /// Number of physical buffers behind the ids.
     fn physical_buffer_count(&self, py: Python<'_>) -> PyResult<usize> {
-        self.run(py, |imp| Ok(on!(imp, be => be.pool().physical_buffer_count())))
+        self.run(py, |imp| {
+            Ok(on!(imp, be => be.pool().physical_buffer_count()))
+        })
     }
 
     /// Number of buffer ids handed out.
@@ -554,6 +621,9 @@ impl PyBackend {
 
 impl PyBackend {
     fn no_weights(&self) -> PyErr {
-        Kind::WeightFile.err(format!("backend `{}` has no weight file open (pass weights=...)", self.name))
+        Kind::WeightFile.err(format!(
+            "backend `{}` has no weight file open (pass weights=...)",
+            self.name
+        ))
     }
 }

@@ -10,7 +10,12 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-create_exception!(moeflux, MoefluxError, PyException, "Base class of every error moeflux raises.");
+create_exception!(
+    moeflux,
+    MoefluxError,
+    PyException,
+    "Base class of every error moeflux raises."
+);
 
 /// The children of `MoefluxError`. `create_exception!` takes one base only, and most children
 /// also derive from a builtin (`GraphError` is a `ValueError`), so they are made with `type()`.
@@ -24,7 +29,13 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub(crate) const ALL: [Kind; 5] = [Kind::Graph, Kind::Size, Kind::Role, Kind::WeightFile, Kind::Backend];
+    pub(crate) const ALL: [Kind; 5] = [
+        Kind::Graph,
+        Kind::Size,
+        Kind::Role,
+        Kind::WeightFile,
+        Kind::Backend,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -110,9 +121,10 @@ pub(crate) fn kind_of(e: &Error) -> Kind {
         | Error::UnsafeAlias(_)
         | Error::UnknownOp(_) => Kind::Graph,
         Error::Role { .. } => Kind::Role,
-        Error::SizeMismatch { .. } | Error::ReadOnly { .. } | Error::PoolBadId { .. } | Error::Alloc { .. } => {
-            Kind::Size
-        }
+        Error::SizeMismatch { .. }
+        | Error::ReadOnly { .. }
+        | Error::PoolBadId { .. }
+        | Error::Alloc { .. } => Kind::Size,
         Error::WeightFile { .. } | Error::NoWeights { .. } => Kind::WeightFile,
         Error::Backend { .. } | Error::Io { .. } => Kind::Backend,
     }
@@ -179,4 +191,17 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add(k.name(), k.type_object(py)?)?;
     }
     Ok(())
+}
+
+/// Panic on purpose (with or without the GIL held) to prove the guard: raises
+/// `BackendError("internal error: <msg>")`. For tests only.
+#[pyfunction]
+#[pyo3(signature = (msg, release_gil = false))]
+pub(crate) fn _panic_for_tests(py: Python<'_>, msg: String, release_gil: bool) -> PyResult<()> {
+    if release_gil {
+        py.allow_threads(|| catch(|| -> Result<(), Error> { panic!("{msg}") }))?;
+        Ok(())
+    } else {
+        guard(|| panic!("{msg}"))
+    }
 }

@@ -15,7 +15,10 @@ use std::sync::RwLock;
 pub(crate) fn role_arg(name: &str) -> PyResult<Role> {
     Role::from_name(name).ok_or_else(|| {
         let known: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
-        Kind::Role.err(format!("unknown buffer role `{name}` (known roles: {})", known.join(", ")))
+        Kind::Role.err(format!(
+            "unknown buffer role `{name}` (known roles: {})",
+            known.join(", ")
+        ))
     })
 }
 
@@ -55,26 +58,37 @@ impl PyBufId {
         self.role.name()
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "BufId({}, role={:?}, label={:?}, nbytes={})",
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let label = pyo3::types::PyString::new(py, &self.label).repr()?;
+        Ok(format!(
+            "BufId({}, role='{}', label={label}, nbytes={})",
             self.raw,
             self.role.name(),
-            self.label,
             self.nbytes
-        )
+        ))
     }
 }
 
 /// Cached lookup of a class of the pure-Python package (`moeflux.ops.WeightRef`).
-fn ops_class<'py>(py: Python<'py>, cell: &'static GILOnceCell<Py<PyType>>, name: &str) -> PyResult<&'py Bound<'py, PyType>> {
+fn ops_class<'py>(
+    py: Python<'py>,
+    cell: &'static GILOnceCell<Py<PyType>>,
+    name: &str,
+) -> PyResult<&'py Bound<'py, PyType>> {
     cell.import(py, "moeflux.ops", name)
 }
 
 /// `moeflux.ops.WeightRef` from a Rust `WeightRef`.
 pub(crate) fn weight_ref_to_py<'py>(py: Python<'py>, w: &WeightRef) -> PyResult<Bound<'py, PyAny>> {
     static CLS: GILOnceCell<Py<PyType>> = GILOnceCell::new();
-    ops_class(py, &CLS, "WeightRef")?.call1((w.w_off, w.s_off, w.b_off, w.bits, w.group_size, w.scale_dtype.name()))
+    ops_class(py, &CLS, "WeightRef")?.call1((
+        w.w_off,
+        w.s_off,
+        w.b_off,
+        w.bits,
+        w.group_size,
+        w.scale_dtype.name(),
+    ))
 }
 
 /// Short description of a value for error messages.
@@ -111,11 +125,25 @@ impl<'py> PyFields<'_, 'py> {
     }
 
     fn bad(&self, field: &'static str, sub: &str, v: &Bound<'_, PyAny>, want: &str) -> Error {
-        let at = if sub.is_empty() { String::new() } else { format!("`{sub}`: ") };
-        Error::dims(&self.ident, field, format!("{at}expected {want}, got {}", describe(v)))
+        let at = if sub.is_empty() {
+            String::new()
+        } else {
+            format!("`{sub}`: ")
+        };
+        Error::dims(
+            &self.ident,
+            field,
+            format!("{at}expected {want}, got {}", describe(v)),
+        )
     }
 
-    fn int<T: for<'a> FromPyObject<'a>>(&self, field: &'static str, sub: &str, v: &Bound<'_, PyAny>, want: &str) -> Result<T> {
+    fn int<T: for<'a> FromPyObject<'a>>(
+        &self,
+        field: &'static str,
+        sub: &str,
+        v: &Bound<'_, PyAny>,
+        want: &str,
+    ) -> Result<T> {
         v.extract::<T>().map_err(|_| self.bad(field, sub, v, want))
     }
 
@@ -126,12 +154,20 @@ impl<'py> PyFields<'_, 'py> {
             .ok_or_else(|| self.bad(field, sub, v, "one of \"f32\", \"bf16\", \"f16\""))
     }
 
-    fn attr(&self, field: &'static str, v: &Bound<'py, PyAny>, sub: &'static str) -> Result<Bound<'py, PyAny>> {
+    fn attr(
+        &self,
+        field: &'static str,
+        v: &Bound<'py, PyAny>,
+        sub: &'static str,
+    ) -> Result<Bound<'py, PyAny>> {
         v.getattr(sub).map_err(|_| {
             Error::dims(
                 &self.ident,
                 field,
-                format!("expected an object with a `{sub}` attribute, got {}", describe(v)),
+                format!(
+                    "expected an object with a `{sub}` attribute, got {}",
+                    describe(v)
+                ),
             )
         })
     }
@@ -141,7 +177,12 @@ const U32: &str = "an int in 0..=4294967295";
 const U64: &str = "an int in 0..=18446744073709551615";
 
 impl FieldSource for PyFields<'_, '_> {
-    fn buf(&mut self, field: &'static str, accepts: &'static [Role], _role_name: &'static str) -> Result<u32> {
+    fn buf(
+        &mut self,
+        field: &'static str,
+        accepts: &'static [Role],
+        _role_name: &'static str,
+    ) -> Result<u32> {
         let v = self.get(field)?;
         let b = v
             .downcast::<PyBufId>()
@@ -168,7 +209,9 @@ impl FieldSource for PyFields<'_, '_> {
     }
     fn f32(&mut self, field: &'static str) -> Result<f32> {
         let v = self.get(field)?;
-        let x: f64 = v.extract().map_err(|_| self.bad(field, "", &v, "a float"))?;
+        let x: f64 = v
+            .extract()
+            .map_err(|_| self.bad(field, "", &v, "a float"))?;
         Ok(x as f32)
     }
     fn weight(&mut self, field: &'static str) -> Result<WeightRef> {
@@ -178,8 +221,17 @@ impl FieldSource for PyFields<'_, '_> {
             s_off: self.int(field, "s_off", &self.attr(field, &v, "s_off")?, U64)?,
             b_off: self.int(field, "b_off", &self.attr(field, &v, "b_off")?, U64)?,
             bits: self.int(field, "bits", &self.attr(field, &v, "bits")?, U32)?,
-            group_size: self.int(field, "group_size", &self.attr(field, &v, "group_size")?, U32)?,
-            scale_dtype: self.dtype_of(field, "scale_dtype", &self.attr(field, &v, "scale_dtype")?)?,
+            group_size: self.int(
+                field,
+                "group_size",
+                &self.attr(field, &v, "group_size")?,
+                U32,
+            )?,
+            scale_dtype: self.dtype_of(
+                field,
+                "scale_dtype",
+                &self.attr(field, &v, "scale_dtype")?,
+            )?,
         })
     }
     fn layout(&mut self, field: &'static str) -> Result<ExpertLayout> {
@@ -191,10 +243,13 @@ impl FieldSource for PyFields<'_, '_> {
         if v.extract::<String>().is_ok() {
             return Err(self.bad(field, "", &v, "a sequence of ints"));
         }
-        let it = v.try_iter().map_err(|_| self.bad(field, "", &v, "a sequence of ints"))?;
+        let it = v
+            .try_iter()
+            .map_err(|_| self.bad(field, "", &v, "a sequence of ints"))?;
         let mut out = Vec::new();
         for (i, x) in it.enumerate() {
-            let x = x.map_err(|e| Error::dims(&self.ident, field, format!("iterating failed: {e}")))?;
+            let x =
+                x.map_err(|e| Error::dims(&self.ident, field, format!("iterating failed: {e}")))?;
             out.push(self.int(field, &format!("[{i}]"), &x, U32)?);
         }
         Ok(out)
@@ -205,7 +260,11 @@ impl FieldSource for PyFields<'_, '_> {
     }
 }
 
-fn layout_from(src: &PyFields<'_, '_>, field: &'static str, v: &Bound<'_, PyAny>) -> Result<ExpertLayout> {
+fn layout_from(
+    src: &PyFields<'_, '_>,
+    field: &'static str,
+    v: &Bound<'_, PyAny>,
+) -> Result<ExpertLayout> {
     Ok(ExpertLayout {
         hidden_dim: src.int(field, "hidden_dim", &src.attr(field, v, "hidden_dim")?, U32)?,
         inter_dim: src.int(field, "inter_dim", &src.attr(field, v, "inter_dim")?, U32)?,
@@ -220,7 +279,11 @@ pub(crate) fn op_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Op> {
     let name: String = obj.get_type().name()?.extract()?;
     let label = match obj.getattr("label") {
         Ok(l) => l.extract::<String>().map_err(|_| {
-            Error::dims(&format!("? ({name})"), "label", format!("expected a str, got {}", describe(&l)))
+            Error::dims(
+                &format!("? ({name})"),
+                "label",
+                format!("expected a str, got {}", describe(&l)),
+            )
         })?,
         Err(_) => String::new(),
     };
@@ -272,10 +335,19 @@ impl PyCompiledGraph {
     }
 
     /// Patch u32 field `field` of op `op_index` in place (decode positions, lengths).
-    fn set_u32(&self, py: Python<'_>, op_index: i64, field: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        let value: u32 = value
-            .extract()
-            .map_err(|_| Kind::Graph.err(format!("set_u32: value must be {U32}, got {}", describe(value))))?;
+    fn set_u32(
+        &self,
+        py: Python<'_>,
+        op_index: i64,
+        field: &str,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let value: u32 = value.extract().map_err(|_| {
+            Kind::Graph.err(format!(
+                "set_u32: value must be {U32}, got {}",
+                describe(value)
+            ))
+        })?;
         let field = field.to_string();
         py.allow_threads(|| {
             catch(|| {
@@ -284,7 +356,13 @@ impl PyCompiledGraph {
                 let op = usize::try_from(op_index)
                     .ok()
                     .and_then(|i| g.ops.get_mut(i))
-                    .ok_or_else(|| Error::dims("graph", "op_index", format!("op index {op_index} out of range 0..{n}")))?;
+                    .ok_or_else(|| {
+                        Error::dims(
+                            "graph",
+                            "op_index",
+                            format!("op index {op_index} out of range 0..{n}"),
+                        )
+                    })?;
                 op.set_u32(&field, value)
             })
         })?;
@@ -293,7 +371,11 @@ impl PyCompiledGraph {
 
     /// `(name, label)` of every op, in order.
     fn ops(&self) -> Vec<(&'static str, String)> {
-        self.read().ops.iter().map(|o| (o.name(), o.label().to_string())).collect()
+        self.read()
+            .ops
+            .iter()
+            .map(|o| (o.name(), o.label().to_string()))
+            .collect()
     }
 
     fn __repr__(&self) -> String {

@@ -29,5 +29,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(graph::expert_offsets, m)?)?;
     m.add_function(wrap_pyfunction!(weights::quantize, m)?)?;
     m.add_function(wrap_pyfunction!(weights::dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::_panic_for_tests, m)?)?;
     Ok(())
 }

@@ -54,12 +54,22 @@ impl<'py> Matrix<'py> {
         let dtype = match manifest_dtype(&name) {
             Some(d @ ("f32" | "f16" | "bf16")) => d,
             _ => {
-                return Err(Error::dims(op, "w", format!("dtype {name} is not supported (float32, float16 or bfloat16)")).into())
+                return Err(Error::dims(
+                    op,
+                    "w",
+                    format!("dtype {name} is not supported (float32, float16 or bfloat16)"),
+                )
+                .into())
             }
         };
         let shape = arr.shape().to_vec();
         if shape.len() < 2 {
-            return Err(Error::dims(op, "w", format!("needs at least 2 dims, got shape {shape:?}")).into());
+            return Err(Error::dims(
+                op,
+                "w",
+                format!("needs at least 2 dims, got shape {shape:?}"),
+            )
+            .into());
         }
         Ok(Matrix { arr, dtype, shape })
     }
@@ -82,7 +92,9 @@ impl<'py> Matrix<'py> {
             }
         };
         let (rows, cols) = (self.rows(), self.cols());
-        Ok(py.allow_threads(move || catch(|| quant::quantize(input, rows, cols, group_size, bits)))?)
+        Ok(py.allow_threads(move || {
+            catch(|| quant::quantize(input, rows, cols, group_size, bits))
+        })?)
     }
 }
 
@@ -92,11 +104,21 @@ fn scales_to_py<'py>(py: Python<'py>, v: ScaleVec, shape: &[usize]) -> PyResult<
         ScaleVec::F32(v) => arrays::from_vec(py, v, shape, None),
         ScaleVec::F16(v) => {
             let d = arrays::resolve_dtype(py, Some(&"f16".into_pyobject(py)?.into_any()))?;
-            arrays::from_vec(py, v.into_iter().map(f16::to_bits).collect::<Vec<u16>>(), shape, Some(&d))
+            arrays::from_vec(
+                py,
+                v.into_iter().map(f16::to_bits).collect::<Vec<u16>>(),
+                shape,
+                Some(&d),
+            )
         }
         ScaleVec::Bf16(v) => {
             let d = arrays::resolve_dtype(py, Some(&"bf16".into_pyobject(py)?.into_any()))?;
-            arrays::from_vec(py, v.into_iter().map(bf16::to_bits).collect::<Vec<u16>>(), shape, Some(&d))
+            arrays::from_vec(
+                py,
+                v.into_iter().map(bf16::to_bits).collect::<Vec<u16>>(),
+                shape,
+                Some(&d),
+            )
         }
     }
 }
@@ -106,7 +128,12 @@ fn scales_to_py<'py>(py: Python<'py>, v: ScaleVec, shape: &[usize]) -> PyResult<
 /// scales and biases `[..., cols/group_size]` in `w`'s dtype.
 #[pyfunction]
 #[pyo3(signature = (w, group_size = 64, bits = 4))]
-pub(crate) fn quantize<'py>(py: Python<'py>, w: &Bound<'py, PyAny>, group_size: usize, bits: u32) -> PyResult<Bound<'py, PyTuple>> {
+pub(crate) fn quantize<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    group_size: usize,
+    bits: u32,
+) -> PyResult<Bound<'py, PyTuple>> {
     guard(|| {
         let m = Matrix::new(w, "quantize")?;
         let q = m.quantize(py, group_size, bits)?;
@@ -116,7 +143,12 @@ pub(crate) fn quantize<'py>(py: Python<'py>, w: &Bound<'py, PyAny>, group_size: 
             s.push(last);
             s
         };
-        let wq = arrays::from_vec(py, q.packed, &with_last(m.cols() * bits as usize / 32), None)?;
+        let wq = arrays::from_vec(
+            py,
+            q.packed,
+            &with_last(m.cols() * bits as usize / 32),
+            None,
+        )?;
         let groups = with_last(m.cols() / group_size);
         let s = scales_to_py(py, q.scales, &groups)?;
         let b = scales_to_py(py, q.biases, &groups)?;
@@ -125,7 +157,10 @@ pub(crate) fn quantize<'py>(py: Python<'py>, w: &Bound<'py, PyAny>, group_size: 
 }
 
 /// Scales/biases as a borrowed quantizer view; the array must be contiguous and aligned.
-fn scale_ref<'a>(arr: &'a Bound<'_, PyUntypedArray>, field: &'static str) -> PyResult<ScaleVecRef<'a>> {
+fn scale_ref<'a>(
+    arr: &'a Bound<'_, PyUntypedArray>,
+    field: &'static str,
+) -> PyResult<ScaleVecRef<'a>> {
     let name = arrays::dtype_name(&arr.dtype())?;
     let r = arrays::raw(arr);
     // SAFETY: `host_array` made it C-contiguous and aligned; the dtype is checked per arm.
@@ -164,17 +199,30 @@ pub(crate) fn dequantize<'py>(
             return Err(Error::dims(
                 "dequantize",
                 "wq",
-                format!("expected uint32 with at least 2 dims, got {name} of shape {:?}", wq.shape()),
+                format!(
+                    "expected uint32 with at least 2 dims, got {name} of shape {:?}",
+                    wq.shape()
+                ),
             )
             .into());
         }
         if !quant::SUPPORTED_BITS.contains(&bits) {
-            return Err(Error::dims("dequantize", "bits", format!("bits = {bits} is not supported")).into());
+            return Err(Error::dims(
+                "dequantize",
+                "bits",
+                format!("bits = {bits} is not supported"),
+            )
+            .into());
         }
         let shape = wq.shape().to_vec();
         let words = shape[shape.len() - 1];
         if (words * 32) % bits as usize != 0 {
-            return Err(Error::dims("dequantize", "wq", format!("{words} words do not hold whole {bits}-bit codes")).into());
+            return Err(Error::dims(
+                "dequantize",
+                "wq",
+                format!("{words} words do not hold whole {bits}-bit codes"),
+            )
+            .into());
         }
         let cols = words * 32 / bits as usize;
         let rows: usize = shape[..shape.len() - 1].iter().product();
@@ -186,7 +234,9 @@ pub(crate) fn dequantize<'py>(
         let r = arrays::raw(&wq);
         // SAFETY: uint32, C-contiguous and aligned (`host_array`); `wq` outlives the call.
         let packed: &[u32] = unsafe { slice_of(&r) };
-        let out = py.allow_threads(|| catch(|| quant::dequantize_native(packed, &sr, &br, rows, cols, group_size, bits)))?;
+        let out = py.allow_threads(|| {
+            catch(|| quant::dequantize_native(packed, &sr, &br, rows, cols, group_size, bits))
+        })?;
         let mut oshape = shape[..shape.len() - 1].to_vec();
         oshape.push(cols);
         scales_to_py(py, out, &oshape)
@@ -252,7 +302,10 @@ impl PyWeightFile {
             let shape: Vec<usize> = t
                 .shape
                 .iter()
-                .map(|&d| usize::try_from(d).map_err(|_| Kind::WeightFile.err("shape does not fit in memory")))
+                .map(|&d| {
+                    usize::try_from(d)
+                        .map_err(|_| Kind::WeightFile.err("shape does not fit in memory"))
+                })
                 .collect::<PyResult<_>>()?;
             // SAFETY: the mapping lives as long as `slf`, which becomes the array's base; it is
             // read-only and the file must not change while open (documented on WeightFile).
@@ -293,14 +346,18 @@ pub struct PyWeightWriter {
 }
 
 impl PyWeightWriter {
-    fn with<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut WeightWriter) -> crate::Result<R> + Send) -> PyResult<R> {
+    fn with<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut WeightWriter) -> crate::Result<R> + Send,
+    ) -> PyResult<R> {
         let path = &self.path;
         Ok(py.allow_threads(|| {
             catch(|| {
                 let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-                let w = g
-                    .as_mut()
-                    .ok_or_else(|| Error::weight_file(path.display(), "the writer is closed (finished or aborted)"))?;
+                let w = g.as_mut().ok_or_else(|| {
+                    Error::weight_file(path.display(), "the writer is closed (finished or aborted)")
+                })?;
                 f(w)
             })
         })?)
@@ -346,12 +403,21 @@ impl PyWeightWriter {
     /// `mx.quantize` and store `name.weight`, `name.scales`, `name.biases` (scales in the
     /// matrix dtype).
     #[pyo3(signature = (name, matrix, group_size = 64, bits = 4))]
-    fn add_quantized(&self, py: Python<'_>, name: &str, matrix: &Bound<'_, PyAny>, group_size: usize, bits: u32) -> PyResult<()> {
+    fn add_quantized(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        matrix: &Bound<'_, PyAny>,
+        group_size: usize,
+        bits: u32,
+    ) -> PyResult<()> {
         guard(|| {
             let m = Matrix::new(matrix, "quantize")?;
             let q = m.quantize(py, group_size, bits)?;
             let (rows, cols) = (m.rows() as u64, m.cols() as u64);
-            self.with(py, move |w| w.add_quantized(name, &q, rows, cols, group_size as u32, bits))
+            self.with(py, move |w| {
+                w.add_quantized(name, &q, rows, cols, group_size as u32, bits)
+            })
         })
     }
 
@@ -365,7 +431,12 @@ impl PyWeightWriter {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .take()
-                    .ok_or_else(|| Error::weight_file(path.display(), "the writer is closed (finished or aborted)"))?;
+                    .ok_or_else(|| {
+                        Error::weight_file(
+                            path.display(),
+                            "the writer is closed (finished or aborted)",
+                        )
+                    })?;
                 w.finish()
             })
         })?;
@@ -394,7 +465,11 @@ impl PyWeightWriter {
             self.abort();
             return Ok(false);
         }
-        let open = self.inner.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        let open = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
         if open {
             self.finish(py)?;
         }

@@ -1,4 +1,4 @@
-//! MLX affine quantization (`mx.quantize` / `mx.dequantize`, mode "affine"), bit-exact with MLX's CPU kernels.
+//! MLX affine quantization, bit-exact with `mx.quantize` / `mx.dequantize` on MLX's CPU backend.
 //!
 //! Precision, as measured against mlx 0.32.4 (CPU) and read in `mlx/backend/cpu/quantized.cpp`:
 //!
@@ -185,8 +185,8 @@ impl Elem for f16 {
 
 /// Groups handled by one rayon task.
 const GROUPS_PER_TASK: usize = 512;
-/// `x + C - C` rounds an f32 with `|x| < 2^22` to the nearest integer, ties to even, in the
-/// default rounding mode (the sum lands in `[2^23, 2^24)`, where the ulp is 1, and C is even).
+/// 1.5 * 2^23: for `|v| < 2^22`, `v + RINT_MAGIC` lands in `[2^23, 2^24)`, where the ulp is 1, so
+/// the addition rounds `v` to an integer (ties to even, C being even) held in the low mantissa bits.
 const RINT_MAGIC: f32 = 12_582_912.0;
 
 fn check_params(op: &str, rows: usize, cols: usize, group_size: usize, bits: u32) -> Result<()> {
@@ -519,8 +519,9 @@ mod tests {
         }
     }
 
-    /// The input that `golden.py` (see `golden_hashes_match_mlx`) feeds to MLX: xorshift values
-    /// with per-row magnitudes, a zero group, constant groups, single outliers of both signs.
+    /// The input fed to MLX to make `GOLDEN` (mirrored by `golden_input` in
+    /// tests/python/test_quant.py): xorshift values with per-row magnitudes, a zero group,
+    /// constant groups, single outliers of both signs.
     fn golden_input() -> Vec<f32> {
         let (rows, cols) = (8, 384);
         let exps = [0, -3, 4, -12, 2, 8, -1, -30];
@@ -573,7 +574,8 @@ mod tests {
     use Dt::*;
 
     /// FNV-1a of `wq | scales | biases | mx.dequantize(...)` raw little-endian bytes, from mlx
-    /// 0.32.4 (CPU) run on `golden_input()` cast (round to nearest even) to each dtype.
+    /// 0.32.4 (CPU) run on `golden_input()` cast (round to nearest even) to each dtype;
+    /// `test_mlx_reproduces_rust_golden_hashes` in tests/python/test_quant.py regenerates them.
     const GOLDEN: [(Dt, u32, usize, u64); 45] = [
         (F32, 2, 32, 0x1a6b635ddbf6bd0c),
         (F32, 2, 64, 0x6ac167bc9757df44),

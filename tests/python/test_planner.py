@@ -42,6 +42,12 @@ class Sketch:
         self.state = [None] * len(bufs)  # None untouched, "in" live-in, "prod" produced
         self.defined = [0] * len(bufs)  # floats written so far (produced buffers)
 
+    def __repr__(self):
+        bufs = ", ".join(f"b{i}:{b['role']}[{b['floats']}]{'P' if b['persistent'] else ''}"
+                         for i, b in enumerate(self.bufs))
+        body = "; ".join(f"{kind}({', '.join(f'{k}={v}' for k, v in f.items())})" for kind, f in self.ops)
+        return f"Sketch(bufs=[{bufs}], ops=[{body}])"
+
     def readable(self, i, n):
         return self.state[i] in (None, "in") or self.defined[i] >= n
 
@@ -239,31 +245,57 @@ def test_alias_false_changes_nothing(sk, seed):
     assert_same(snapshot(be, ids2, everything), want, sk, graph2)
 
 
+def _run_or_refuse(be, sk: Sketch, ids, graph, seed, want):
+    """Execute `graph` on `be` from the seeded contents: it must either refuse with GraphError (a
+    committed layout makes two of its live buffers share memory) or match `want` bit for bit."""
+    fill(sk, be, ids, seed)
+    try:
+        be.execute(graph)
+    except moeflux.GraphError:
+        return False
+    assert_same(snapshot(be, ids, {i: want[i].size for i in want}), want, sk, graph)
+    return True
+
+
+def _unplanned(sk: Sketch, seed):
+    """Kept buffers of `sk`'s graph run unplanned, restricted to buffers the graph touches (a
+    buffer outside the graph may share memory, through another graph's plan, with one it writes)."""
+    fresh = _backend()
+    ids, graph = materialize(sk, fresh, seed)
+    fresh.execute(graph)
+    touched = {i for uses in sk.uses for i, _, _ in uses}
+    return snapshot(fresh, ids, {i: n for i, n in sk.kept().items() if i in touched})
+
+
 @SETTINGS
 @given(data=st.data(), seed=st.integers(0, 2**32 - 1))
 def test_replanning(data, seed):
-    """commit_plan(g1) then commit_plan(g2) over the same buffers: g2 runs as if unplanned, and
-    planning g1 again gives g1's plan again."""
+    """commit_plan is re-callable: plan g1, then g2 over the same buffers (earlier colours stay
+    pinned, so planning g2 may be refused with a MoefluxError). Afterwards each graph either runs
+    exactly as unplanned or is refused with GraphError; g1, planned first, always runs when g2's
+    planning added nothing. Re-committing g1 changes nothing."""
     sk1 = data.draw(sketches(min_ops=2))
     sk2 = data.draw(sketches(bufs=sk1.bufs, min_ops=2))
-    kept = sk2.kept()
-    fresh = _backend()
-    ids, g2 = materialize(sk2, fresh, seed)
-    fresh.execute(g2)
-    want = snapshot(fresh, ids, kept)
+    want1, want2 = _unplanned(sk1, seed), _unplanned(sk2, seed)
 
     be = _backend()
-    ids_b, g1b = materialize(sk1, be, seed, upload=False)
-    g2b = build_graph(sk2, ids_b)
-    rep1 = be.commit_plan(g1b)
-    rep2 = be.commit_plan(g2b)
-    check_report(rep2, sk2, be)
-    fill(sk2, be, ids_b, seed)
-    be.execute(g2b)
-    assert_same(snapshot(be, ids_b, kept), want, sk2, g2b)
-    rep1b = be.commit_plan(g1b)
-    assert (rep1b.physical_bytes, rep1b.aliased_buffers, rep1b.colors) == (
-        rep1.physical_bytes, rep1.aliased_buffers, rep1.colors)
+    ids, g1 = materialize(sk1, be, seed, upload=False)
+    g2 = build_graph(sk2, ids)
+    rep1 = be.commit_plan(g1)
+    n_phys = be.physical_buffer_count()
+    again = be.commit_plan(g1)
+    assert again.physical_bytes == rep1.physical_bytes and be.physical_buffer_count() == n_phys, (rep1, again)
+    assert _run_or_refuse(be, sk1, ids, g1, seed, want1), "g1 refused right after planning it"
+    try:
+        rep2 = be.commit_plan(g2)
+    except moeflux.MoefluxError:
+        rep2 = None
+    else:
+        assert rep2.lower_bound_bytes <= rep2.physical_bytes <= rep2.logical_bytes, rep2
+        assert _run_or_refuse(be, sk2, ids, g2, seed, want2), "g2 refused right after planning it"
+    ran1 = _run_or_refuse(be, sk1, ids, g1, seed, want1)
+    if rep2 is not None and rep2.aliased_buffers == 0:
+        assert ran1, "g1 refused although planning g2 aliased nothing"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,13 +333,27 @@ def test_chain_plan_and_unsafe_alias_is_refused():
         be.execute(bad)
     assert isinstance(ei.value, ValueError)
 
-    # re-planning for the new graph makes it runnable and correct
-    be.commit_plan(bad)
+    # the layout committed for g is unchanged: g still runs
     be.upload(r[0], np.arange(4, dtype=np.float32))
-    be.execute(bad)
-    assert be.download(r[0]).tolist() == [1.0, 2.0, 3.0, 4.0]  # r0 := r4 + b, r4 = r0 + b
-    for i in range(1, 5):
-        assert be.download(r[i]).tolist() == [0.5, 1.5, 2.5, 3.5]
+    be.execute(g)
+    assert be.download(r[4]).tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_replanning_a_conflicting_graph_is_refused_cleanly():
+    """Colours committed for one graph stay pinned; planning a graph that needs two of them live at
+    once must fail with a MoefluxError (not a crash) and leave the first graph runnable."""
+    be = _backend()
+    r, b, g = _chain(be)
+    be.commit_plan(g)
+    bad = moeflux.Graph(
+        [ops.ResidualAddNTokens(a=r[0], b=b, out=r[i], n_tokens=1, dim=4, label=f"w{i}") for i in range(1, 5)]
+        + [ops.ResidualAddNTokens(a=r[i], b=b, out=r[0], n_tokens=1, dim=4, label=f"rd{i}") for i in range(1, 5)])
+    with pytest.raises(moeflux.GraphError):
+        be.commit_plan(bad)
+    be.upload(r[0], np.arange(4, dtype=np.float32))
+    be.upload(b, np.full(4, 0.5, dtype=np.float32))
+    be.execute(g)
+    assert be.download(r[4]).tolist() == [2.0, 3.0, 4.0, 5.0]
 
 
 def test_chain_plan_shares_expected_pairs():
@@ -320,6 +366,10 @@ def test_chain_plan_shares_expected_pairs():
     assert rep.logical_bytes == 7 * 16 and rep.physical_bytes == 4 * 16, rep
     assert rep.lower_bound_bytes == rep.physical_bytes, rep
     assert be.physical_buffer_count() == 4
+    # committing the same graph again changes nothing, and its report stays consistent
+    again = be.commit_plan(g)
+    assert again.physical_bytes == rep.physical_bytes and be.physical_buffer_count() == 4, again
+    assert again.lower_bound_bytes <= again.physical_bytes <= again.logical_bytes, again
 
 
 def test_persistent_and_live_in_buffers_never_alias():

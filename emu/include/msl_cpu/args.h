@@ -23,7 +23,7 @@ struct buffer_arg {
     if constexpr (std::is_pointer_v<T>) {
       using E = std::remove_cv_t<std::remove_pointer_t<T>>;
       p = msl_emu_buffer(idx, 0, align_of_v<E>, type_name<T>(), file, line);
-      return *reinterpret_cast<T*>(&p);
+      return *static_cast<T*>(static_cast<void*>(&p));
     } else {
       return *static_cast<T*>(msl_emu_buffer(idx, sizeof(T), alignof(T), type_name<T>(), file, line));
     }

@@ -1,5 +1,4 @@
-//! Full-attention kernels: partial NeoX RoPE, the per-head q/gate split, the KV-cache append,
-//! causal GQA attention with an online softmax, and the element-wise residual and sigmoid gate.
+//! Full-attention kernels: partial RoPE, q/gate split, KV append, causal GQA attention.
 
 use super::norm::{axpy, dot, rows_per_task, sigmoid, PAR_GRAIN};
 use rayon::prelude::*;
@@ -56,7 +55,8 @@ pub fn rope(
         });
 }
 
-/// `q_proj` `[T, H, 2*head_dim]` with per-head `[q | gate]` -> `q_out`, `gate_out` `[T, H*head_dim]`.
+/// `q_proj` `[T, H, 2*head_dim]` with per-head `[q | gate]` -> `q_out` and `gate_out`, each
+/// `[T, H*head_dim]`.
 pub fn split_q_gate(
     q_proj: &[f32],
     q_out: &mut [f32],
@@ -132,8 +132,13 @@ pub fn kv_append(
 /// Causal GQA attention: token `t` (position `kv_start + t`) and head `h` (kv head
 /// `h / heads_per_kv`) attend cache rows `0..=kv_start + t`. `q` and `out` are
 /// `[n_tokens, num_heads * head_dim]`; the caches are `[rows, kv_dim]` with kv head `kvh` at column
-/// `kvh * head_dim`. `softmax(softmax_scale * q.k) v` in f32 with an online softmax over key tiles,
-/// parallel over (t, h).
+/// `kvh * head_dim`. `softmax(softmax_scale * q.k) v` in f32 with an online softmax over key tiles.
+///
+/// The heads sharing a kv head are processed together so each cache row is loaded once for all of
+/// them. Keys are cut into segments whose length depends only on the key count (`seg_len`); each
+/// segment's partial softmax is merged into the result in order. Work runs in parallel over
+/// (token, kv head), and for a single token also over segments (flash-decoding); both orders give
+/// the same bits, so a token's output does not depend on how many tokens share the call.
 #[allow(clippy::too_many_arguments)]
 pub fn sdpa_causal(
     q: &[f32],
@@ -157,65 +162,169 @@ pub fn sdpa_causal(
     if row * n_tokens == 0 {
         return;
     }
+    let a = Attn {
+        k_cache,
+        v_cache,
+        kv_dim,
+        hd: head_dim,
+        hpk: heads_per_kv,
+        scale: softmax_scale,
+    };
+    let group = heads_per_kv * head_dim;
+    let n_groups = num_heads / heads_per_kv;
+    let n_keys = kv_start + 1;
+    let seg = seg_len(n_keys);
+    if n_tokens == 1 && n_keys > seg {
+        // Decode over a long cache: one task per (kv head, segment), merged afterwards.
+        let n_segs = n_keys.div_ceil(seg);
+        let part = group + 2 * heads_per_kv;
+        let mut parts = vec![0f32; n_groups * n_segs * part];
+        parts.par_chunks_mut(part).enumerate().for_each_init(
+            || a.scratch(),
+            |sc, (i, p)| {
+                let (g, si) = (i / n_segs, i % n_segs);
+                let (acc, ml) = p.split_at_mut(group);
+                let keys = si * seg..n_keys.min((si + 1) * seg);
+                a.segment(&q[g * group..][..group], g * head_dim, keys, acc, ml, sc);
+            },
+        );
+        out[..row]
+            .chunks_exact_mut(group)
+            .zip(parts.chunks_exact(n_segs * part))
+            .for_each(|(o, parts)| {
+                let mut ml = parts[group..part].to_vec();
+                o.copy_from_slice(&parts[..group]);
+                for p in parts.chunks_exact(part).skip(1) {
+                    a.merge(o, &mut ml, &p[..group], &p[group..]);
+                }
+                a.finish(o, &ml);
+            });
+        return;
+    }
     out[..row * n_tokens]
-        .par_chunks_mut(head_dim)
-        .zip(q[..row * n_tokens].par_chunks(head_dim))
+        .par_chunks_mut(group)
+        .zip(q[..row * n_tokens].par_chunks(group))
         .enumerate()
-        .with_min_len(rows_per_task(2 * rows * head_dim))
-        .for_each(|(i, (o, q))| {
-            let (t, h) = (i / num_heads, i % num_heads);
-            let col = (h / heads_per_kv) * head_dim;
-            attend(
-                q,
-                k_cache,
-                v_cache,
-                o,
-                kv_dim,
-                col,
-                kv_start + t + 1,
-                softmax_scale,
-            );
-        });
+        .with_min_len(rows_per_task(2 * rows * group))
+        .for_each_init(
+            || (a.scratch(), vec![0f32; group + 4 * heads_per_kv]),
+            |(sc, buf), (i, (o, qg))| {
+                let (t, g) = (i / n_groups, i % n_groups);
+                let n_keys = kv_start + t + 1;
+                let seg = seg_len(n_keys);
+                let (acc, rest) = buf.split_at_mut(group);
+                let (ml, seg_ml) = rest.split_at_mut(2 * heads_per_kv);
+                a.segment(qg, g * head_dim, 0..n_keys.min(seg), o, ml, sc);
+                for k0 in (seg..n_keys).step_by(seg) {
+                    let keys = k0..n_keys.min(k0 + seg);
+                    a.segment(qg, g * head_dim, keys, acc, seg_ml, sc);
+                    a.merge(o, ml, acc, seg_ml);
+                }
+                a.finish(o, ml);
+            },
+        );
 }
 
-/// One query over cache rows `0..n_keys` (columns `col..col + q.len()`), accumulating into `acc`.
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    acc: &mut [f32],
+/// Keys per softmax segment: at least `MIN_SEG`, at most `MAX_SEGS` segments, whole tiles.
+fn seg_len(n_keys: usize) -> usize {
+    n_keys
+        .div_ceil(MAX_SEGS)
+        .max(MIN_SEG)
+        .next_multiple_of(KEY_TILE)
+}
+const MIN_SEG: usize = 256;
+const MAX_SEGS: usize = 16;
+
+/// The caches and shape shared by every query group of one attention call.
+#[derive(Clone, Copy)]
+struct Attn<'a> {
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
     kv_dim: usize,
-    col: usize,
-    n_keys: usize,
+    hd: usize,
+    hpk: usize,
     scale: f32,
-) {
-    let hd = q.len();
-    acc.fill(0.0);
-    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-    let mut s = [0f32; KEY_TILE];
-    for k0 in (0..n_keys).step_by(KEY_TILE) {
-        let s = &mut s[..KEY_TILE.min(n_keys - k0)];
-        let mut tile_max = f32::NEG_INFINITY;
-        for (j, s) in s.iter_mut().enumerate() {
-            *s = dot(q, &k_cache[(k0 + j) * kv_dim + col..][..hd]) * scale;
-            tile_max = tile_max.max(*s);
-        }
-        let m_new = m.max(tile_max);
-        if m_new > m && l > 0.0 {
-            let c = (m - m_new).exp();
-            l *= c;
-            acc.iter_mut().for_each(|a| *a *= c);
-        }
-        m = m_new;
-        for (j, &s) in s.iter().enumerate() {
-            let p = (s - m).exp();
-            l += p;
-            axpy(acc, p, &v_cache[(k0 + j) * kv_dim + col..][..hd]);
+}
+
+impl Attn<'_> {
+    /// Scores of one key tile for every head of a group.
+    fn scratch(&self) -> Vec<f32> {
+        vec![0f32; self.hpk * KEY_TILE]
+    }
+
+    /// Softmax partial of the `hpk` queries `qg` over cache rows `keys` at column `col`:
+    /// `acc[h] = sum_j exp(s_hj - m_h) v_j` and `ml = [m.., l..]`, `l_h = sum_j exp(s_hj - m_h)`.
+    fn segment(
+        &self,
+        qg: &[f32],
+        col: usize,
+        keys: std::ops::Range<usize>,
+        acc: &mut [f32],
+        ml: &mut [f32],
+        s: &mut [f32],
+    ) {
+        let (hd, hpk) = (self.hd, self.hpk);
+        let (m, l) = ml.split_at_mut(hpk);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        acc.fill(0.0);
+        for k0 in keys.clone().step_by(KEY_TILE) {
+            let tl = KEY_TILE.min(keys.end - k0);
+            for j in 0..tl {
+                let kr = &self.k_cache[(k0 + j) * self.kv_dim + col..][..hd];
+                for (h, qh) in qg.chunks_exact(hd).enumerate() {
+                    s[h * KEY_TILE + j] = dot(qh, kr) * self.scale;
+                }
+            }
+            for h in 0..hpk {
+                let sh = &mut s[h * KEY_TILE..][..tl];
+                let m_new = sh.iter().fold(m[h], |a, &b| a.max(b));
+                if m_new > m[h] && l[h] > 0.0 {
+                    let c = (m[h] - m_new).exp();
+                    l[h] *= c;
+                    acc[h * hd..][..hd].iter_mut().for_each(|a| *a *= c);
+                }
+                m[h] = m_new;
+                for p in sh.iter_mut() {
+                    *p = (*p - m_new).exp();
+                    l[h] += *p;
+                }
+            }
+            for j in 0..tl {
+                let vr = &self.v_cache[(k0 + j) * self.kv_dim + col..][..hd];
+                for (h, acc) in acc.chunks_exact_mut(hd).enumerate() {
+                    axpy(acc, s[h * KEY_TILE + j], vr);
+                }
+            }
         }
     }
-    let inv = 1.0 / l;
-    acc.iter_mut().for_each(|a| *a *= inv);
+
+    /// Fold the partial `(acc2, ml2)` into the running `(acc, ml)`.
+    fn merge(&self, acc: &mut [f32], ml: &mut [f32], acc2: &[f32], ml2: &[f32]) {
+        let hpk = self.hpk;
+        for (h, (acc, acc2)) in acc
+            .chunks_exact_mut(self.hd)
+            .zip(acc2.chunks_exact(self.hd))
+            .enumerate()
+        {
+            let (m1, m2) = (ml[h], ml2[h]);
+            let m = m1.max(m2);
+            let (c1, c2) = ((m1 - m).exp(), (m2 - m).exp());
+            ml[h] = m;
+            ml[hpk + h] = ml[hpk + h] * c1 + ml2[hpk + h] * c2;
+            for (a, &b) in acc.iter_mut().zip(acc2) {
+                *a = *a * c1 + b * c2;
+            }
+        }
+    }
+
+    /// `acc[h] /= l_h`.
+    fn finish(&self, acc: &mut [f32], ml: &[f32]) {
+        for (h, acc) in acc.chunks_exact_mut(self.hd).enumerate() {
+            let inv = 1.0 / ml[self.hpk + h];
+            acc.iter_mut().for_each(|a| *a *= inv);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -362,6 +471,39 @@ mod tests {
     }
 
     #[test]
+    fn sdpa_decode_equals_last_token_of_a_batch() {
+        let mut rng = Rng::new(14);
+        let (n, nh, hpk, hd, kv_start) = (4, 8, 4, 16, 700);
+        let kv_dim = (nh / hpk) * hd;
+        let rows = kv_start + n;
+        let q = rng.vec(n * nh * hd, -1.0, 1.0);
+        let k = rng.vec(rows * kv_dim, -3.0, 3.0);
+        let v = rng.vec(rows * kv_dim, -1.0, 1.0);
+        let mut batch = vec![0f32; n * nh * hd];
+        sdpa_causal(
+            &q, &k, &v, &mut batch, n, nh, hpk, hd, kv_dim, kv_start, 0.25,
+        );
+        for t in 0..n {
+            let mut one = vec![0f32; nh * hd];
+            let qt = &q[t * nh * hd..][..nh * hd];
+            sdpa_causal(
+                qt,
+                &k,
+                &v,
+                &mut one,
+                1,
+                nh,
+                hpk,
+                hd,
+                kv_dim,
+                kv_start + t,
+                0.25,
+            );
+            assert_eq!(one[..], batch[t * nh * hd..][..nh * hd], "token {t}");
+        }
+    }
+
+    #[test]
     fn sdpa_causal_matches_full_softmax() {
         let mut rng = Rng::new(13);
         // (n_tokens, num_heads, heads_per_kv, head_dim, kv_start, extra kv columns)
@@ -372,6 +514,8 @@ mod tests {
             (3, 8, 4, 64, 150, 0),
             (70, 4, 2, 24, 60, 0),
             (1, 16, 8, 256, 300, 0),
+            (3, 4, 2, 32, 600, 1),
+            (1, 2, 1, 8, 5000, 0),
         ] {
             let kv_dim = (nh / hpk) * hd + pad;
             let rows = kv_start + n + 2;

@@ -1,5 +1,4 @@
-//! GatedDeltaNet kernels: the causal depthwise conv, the decay/beta gates, and the delta-rule
-//! recurrence in its token-by-token and chunked (WY) forms.
+//! GatedDeltaNet kernels: causal conv, decay/beta gates, the delta rule by token and by chunk.
 
 use super::norm::{axpy, dot, rows_per_task, sigmoid, silu, with_float_slice, Widen};
 use super::view::FloatSlice;
@@ -126,7 +125,6 @@ impl Dims {
         debug_assert!(conv_out.len() >= self.row() * self.n_tokens);
         debug_assert!(g.len() >= n && beta.len() >= n);
         debug_assert!(out.len() >= n * self.dv);
-        let _ = (state, conv_out, g, beta, out);
     }
 }
 

@@ -450,7 +450,7 @@ pub fn moe_buckets(
     scatter_sum(out_sum, hidden, n_tokens, |t| {
         order[tstart[t]..tstart[t + 1]].iter().map(|&j| {
             (
-                1.0,
+                weights[j as usize],
                 &ys[j as usize * hidden..(j as usize + 1) * hidden],
             )
         })
@@ -614,6 +614,7 @@ pub fn moe_gather_id(
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments, clippy::type_complexity)]
 mod tests {
     use super::*;
     use crate::backend::cpu::matvec::tests::{deq64, quantize, Quant, Rng, Sd};

@@ -1,5 +1,4 @@
-//! Normalisation kernels (RMSNorm over rows or heads, the GatedDeltaNet q/k L2 norm and its gated
-//! RMSNorm), plus the small vector helpers the other CPU kernels share.
+//! Normalisation kernels (RMSNorm, q/k L2 norm, gated RMSNorm) and shared vector helpers.
 
 use super::view::FloatSlice;
 use half::{bf16, f16};

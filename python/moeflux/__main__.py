@@ -1,0 +1,5 @@
+"""`python -m moeflux`: the command line."""
+
+from .cli import _entry
+
+_entry()
