@@ -227,7 +227,9 @@ def lm_loss(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def evaluate(model, tokens, seq_len: int, batch_size: int, device, max_tokens: int | None = None) -> tuple[float, int]:
+def evaluate(
+    model, tokens, seq_len: int, batch_size: int, device, max_tokens: int | None = None
+) -> tuple[float, int]:
     """Mean next-token loss (nats) over non-overlapping windows of ``tokens``, fp32, no autocast."""
     import torch
 
@@ -268,7 +270,9 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on cuda)")
+    ap.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on cuda)"
+    )
     ap.add_argument("--max-minutes", type=float, default=None, help="stop training cleanly after this long")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--vocab-size", type=int, default=4096)
@@ -281,7 +285,9 @@ def parse_args(argv=None):
     ap.add_argument("--shared-intermediate", type=int, default=256)
     ap.add_argument("--aux-coef", type=float, default=0.01)
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--eval-every", type=int, default=250, help="held-out subset eval period (0: only at the end)")
+    ap.add_argument(
+        "--eval-every", type=int, default=250, help="held-out subset eval period (0: only at the end)"
+    )
     ap.add_argument("--eval-subset-tokens", type=int, default=65536)
     ap.add_argument("--eval-max-tokens", type=int, default=None, help="cap for the final held-out eval")
     ap.add_argument("--max-shard-size", default="100MB")
@@ -289,7 +295,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     for name in ("hidden_size", "moe_intermediate", "shared_intermediate"):
         if getattr(args, name) % 64:
-            ap.error(f"--{name.replace('_', '-')} must be a multiple of 64 (the engine quantizes in groups of 64)")
+            ap.error(
+                f"--{name.replace('_', '-')} must be a multiple of 64 (the engine quantizes in groups of 64)"
+            )
     if args.eval_only is None and args.out is None:
         ap.error("--out is required")
     return args
@@ -402,7 +410,9 @@ def main(argv=None) -> None:
         if step < warmup:
             return args.lr * (step + 1) / warmup
         frac = (step - warmup) / max(1, args.steps - warmup)
-        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        return args.lr * (
+            args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        )
 
     gen = torch.Generator().manual_seed(args.seed)
     n_start = len(train_t) - args.seq_len - 1
@@ -455,7 +465,9 @@ def main(argv=None) -> None:
             if not math.isfinite(lv):
                 raise SystemExit("loss is not finite")
         if args.eval_every and step > 0 and step % args.eval_every == 0:
-            hl, hn = evaluate(model, heldout_t, args.seq_len, args.batch_size, device, args.eval_subset_tokens)
+            hl, hn = evaluate(
+                model, heldout_t, args.seq_len, args.batch_size, device, args.eval_subset_tokens
+            )
             evals.append({"step": step, "heldout_subset_loss": round(hl, 5), "tokens": hn})
             log(f"eval step {step} held-out subset loss {hl:.4f} ({hn} tokens)")
             t_last = time.time()
@@ -463,11 +475,15 @@ def main(argv=None) -> None:
         step = args.steps
     steps_done = step
     train_seconds = time.time() - t_train
-    log(f"training stopped by {stopped_by} after {steps_done} steps, {tokens_seen} tokens, {train_seconds:.1f}s")
+    log(
+        f"training stopped by {stopped_by} after {steps_done} steps, {tokens_seen} tokens, {train_seconds:.1f}s"
+    )
 
     # Final evaluation (fp32, no autocast)
     t0 = time.time()
-    held_loss, held_n = evaluate(model, heldout_t, args.seq_len, args.batch_size, device, args.eval_max_tokens)
+    held_loss, held_n = evaluate(
+        model, heldout_t, args.seq_len, args.batch_size, device, args.eval_max_tokens
+    )
     train_loss_eval, train_n = evaluate(model, train_t, args.seq_len, args.batch_size, device, held_n)
     bpb = held_loss / math.log(2) / bytes_per_tok_heldout
     log(
@@ -503,19 +519,44 @@ def main(argv=None) -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "tokenizers": __import__("tokenizers").__version__,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor(),
         },
         "corpus": corpus,
-        "tokenizer": {"vocab_size": vocab, "eot_id": eot_id, "sha256": tok_sha,
-                      "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(heldout_ids))},
-        "model": {"params": n_params, "active_params_per_token": n_active, "experts_implementation": experts_impl,
-                  "layer_types": config.layer_types},
-        "train": {"steps_done": steps_done, "stopped_by": stopped_by, "tokens_seen": tokens_seen,
-                  "seconds": round(train_seconds, 1), "tok_per_s": round(tokens_seen / max(1e-9, train_seconds)),
-                  "autocast": dtype, "final_train_loss": curve[-1]["loss"] if curve else None,
-                  "final_train_loss_mean_last5": (sum(r["loss"] for r in curve[-5:]) / len(curve[-5:])) if curve else None},
-        "eval": {"heldout_loss": held_loss, "heldout_tokens": held_n, "heldout_bits_per_byte": bpb,
-                 "train_split_loss": train_loss_eval, "train_split_tokens": train_n, "dtype": "fp32"},
+        "tokenizer": {
+            "vocab_size": vocab,
+            "eot_id": eot_id,
+            "sha256": tok_sha,
+            "train_tokens": int(len(train_ids)),
+            "heldout_tokens": int(len(heldout_ids)),
+        },
+        "model": {
+            "params": n_params,
+            "active_params_per_token": n_active,
+            "experts_implementation": experts_impl,
+            "layer_types": config.layer_types,
+        },
+        "train": {
+            "steps_done": steps_done,
+            "stopped_by": stopped_by,
+            "tokens_seen": tokens_seen,
+            "seconds": round(train_seconds, 1),
+            "tok_per_s": round(tokens_seen / max(1e-9, train_seconds)),
+            "autocast": dtype,
+            "final_train_loss": curve[-1]["loss"] if curve else None,
+            "final_train_loss_mean_last5": (sum(r["loss"] for r in curve[-5:]) / len(curve[-5:]))
+            if curve
+            else None,
+        },
+        "eval": {
+            "heldout_loss": held_loss,
+            "heldout_tokens": held_n,
+            "heldout_bits_per_byte": bpb,
+            "train_split_loss": train_loss_eval,
+            "train_split_tokens": train_n,
+            "dtype": "fp32",
+        },
         "sample": sample,
         "curve": curve,
         "heldout_curve": evals,

@@ -99,8 +99,10 @@ proptest! {
                 prop_assert_eq!(shared, 1);
             }
         }
-        // Re-callable on the same graph: still safe.
-        pool.commit_plan(&g, true).unwrap();
+        // Re-callable on the same graph: still safe, and the bounds still hold.
+        let again = pool.commit_plan(&g, true).unwrap();
+        prop_assert!(again.lower_bound_bytes <= again.physical_bytes, "{again:?}");
+        prop_assert!(again.physical_bytes <= again.logical_bytes, "{again:?}");
         prop_assert!(check_layout(&g, &pool).is_ok());
     }
 }

@@ -32,6 +32,10 @@ from ._core import (
     quantize,
 )
 from ._graph import Graph
+from .checkpoint import CheckpointError
+from .config import ConfigError, ModelConfig
+from .convert import ConvertError, ModelDir, as_model_dir, convert
+from .model import GenerationStats, Model, ModelError
 
 __all__ = [
     "__version__",
@@ -47,6 +51,13 @@ __all__ = [
     "WeightWriter",
     "quantize",
     "dequantize",
+    # models
+    "Model",
+    "ModelConfig",
+    "ModelDir",
+    "GenerationStats",
+    "convert",
+    "as_model_dir",
     # errors
     "MoefluxError",
     "GraphError",
@@ -54,4 +65,8 @@ __all__ = [
     "RoleError",
     "WeightFileError",
     "BackendError",
+    "ConfigError",
+    "CheckpointError",
+    "ConvertError",
+    "ModelError",
 ]

@@ -122,8 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a Hugging Face or MLX checkpoint to a moeflux model directory")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    c.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    c.add_argument("--bits", type=int, choices=(4, 8), default=None,
+                   help="default: 4 for a Hugging Face source, the source's own for an MLX one")
+    c.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
+                   help="default: 64 for a Hugging Face source, the source's own for an MLX one")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
 

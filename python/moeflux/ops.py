@@ -127,7 +127,7 @@ class ExpertLayout:
 def _as_tuple(value: Any) -> Any:
     """Lists (and other iterables of ints) become tuples so ops stay immutable and hashable;
     anything else is left for the Rust side to reject with a clear error."""
-    if isinstance(value, tuple) or isinstance(value, (str, bytes)):
+    if isinstance(value, (tuple, str, bytes)):
         return value
     try:
         return tuple(operator.index(v) for v in value)

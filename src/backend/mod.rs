@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod encoder;
+pub mod metal;
 #[cfg(feature = "metal-emu")]
 pub mod metal_emu;
 pub mod stats;

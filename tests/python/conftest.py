@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -19,8 +20,6 @@ def be() -> moeflux.Backend:
 @pytest.fixture
 def weight_path(tmp_path: Path) -> Path:
     """A small weight file: a float32 vector, a bf16 vector and a quantized [8, 64] matrix."""
-    import ml_dtypes
-
     rng = np.random.default_rng(7)
     path = tmp_path / "weights.bin"
     with moeflux.WeightWriter(path) as w:

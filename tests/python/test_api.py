@@ -519,10 +519,10 @@ def test_two_threads_share_one_backend(be):
 
 def test_execute_releases_the_gil(be):
     """Another Python thread runs while execute is in the middle of a long graph."""
-    n = 1 << 16
+    n = 1 << 17
     a = be.alloc(n * 4, role="residual")
     b = be.alloc(n * 4, role="act")
-    g = moeflux.Graph([add(a, b, a, 1, n)] * 2000)
+    g = moeflux.Graph([add(a, b, a, 1, n)] * 1500)
     be.execute(g)  # warm-up
     stamps = []
     done = threading.Event()

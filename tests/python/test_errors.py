@@ -463,7 +463,7 @@ class Fuzz:
         self.big = {}
         for role in ROLES:
             self.bufs[role] = [self.be.alloc(n, role=role, label=f"{role}{n}") for n in (0, 4, 64, 1024)]
-            self.big[role] = [self.be.alloc(n, role=role, label=f"{role}{n}") for n in (4096, 1 << 15)]
+            self.big[role] = [self.be.alloc(n, role=role, label=f"{role}{n}") for n in (4096, 1 << 15) * 3]
             for buf in self.big[role]:
                 # Small ids and tiny floats: valid expert/token indices, finite activations.
                 self.be.upload(buf, rng.integers(0, 3, buf.nbytes // 4).astype(np.uint32))
@@ -516,9 +516,17 @@ def random_op(draw, fz: Fuzz):
     mode = draw(st.sampled_from(["sane", "sane", "one_wild", "wild"]))
     wild_at = draw(st.integers(0, len(fields) - 1)) if mode == "one_wild" else -1
     kwargs = {}
+    used = set()
     for i, f in enumerate(fields):
-        wild = mode == "wild" or i == wild_at
-        kwargs[f["name"]] = draw(fz.wild(f) if wild else fz.sane(f))
+        if mode == "wild" or i == wild_at:
+            kwargs[f["name"]] = draw(fz.wild(f))
+        elif f["type"] == "buf":
+            # Distinct buffers per field, so ops that write several of one role can validate.
+            free = [b for r in f["accepts"] for b in fz.big[r] if b not in used]
+            kwargs[f["name"]] = b = draw(st.sampled_from(free or fz.big[f["accepts"][0]]))
+            used.add(b)
+        else:
+            kwargs[f["name"]] = draw(fz.sane(f))
     label = draw(st.one_of(st.text(max_size=6), GARBAGE) if mode == "wild" else st.text(max_size=6))
     return ops.OPS[schema["name"]](**kwargs, label=label)
 

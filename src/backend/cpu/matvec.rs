@@ -109,13 +109,14 @@ fn prepare_token(x: &[f32], xp: &mut [f32], xs: &mut [f32], bits: u32, gs: usize
     let epw = (32 / bits) as usize;
     let span = CHUNK * epw;
     let full = x.len() / span * span;
-    // Field j is read as q * 2^(bits*j) except the last, which is shifted down.
-    let scale: Vec<f32> = (0..epw)
+    // Field j is read as q * 2^(bits*j) except the last, which is shifted down; 2^-(bits*j) is
+    // built from its exponent bits so the scaling is exact.
+    let scale: Vec<f32> = (0..epw as u32)
         .map(|j| {
-            if j + 1 == epw {
+            if j + 1 == epw as u32 {
                 1.0
             } else {
-                (-((bits as usize * j) as f32)).exp2()
+                f32::from_bits((127 - bits * j) << 23)
             }
         })
         .collect();

@@ -175,12 +175,12 @@ pub struct MoeScratch<'a> {
 
 type Fail = (&'static str, String);
 
-/// `Err((field, message))` unless `have >= need`.
-fn need(field: &'static str, have: usize, need: usize, what: &str) -> Result<(), Fail> {
-    if have < need {
+/// `Err((field, message))` unless `have >= want`.
+fn need(field: &'static str, have: usize, want: usize, shape: &str) -> Result<(), Fail> {
+    if have < want {
         return Err((
             field,
-            format!("{field} has {have} elements but {what} needs {need}"),
+            format!("{field} has {have} elements but {shape} needs {want}"),
         ));
     }
     Ok(())
@@ -367,48 +367,28 @@ pub fn moe_buckets(
             format!("bucket_token_idx[{j}] = {t} >= n_tokens {n_tokens}"),
         ));
     }
-    need(
-        "bucket_weights",
-        weights.len(),
-        total,
-        "the bucket assignments",
-    )?;
-    need(
-        "bucket_input",
-        input.len(),
-        n_tokens * hidden,
-        "[n_tokens, hidden]",
-    )?;
-    need(
-        "bucket_gate",
-        scratch.gate.len(),
-        total * inter,
-        "[assignments, inter]",
-    )?;
-    need(
-        "bucket_up",
-        scratch.up.len(),
-        total * inter,
-        "[assignments, inter]",
-    )?;
-    need(
-        "bucket_act",
-        scratch.act.len(),
-        total * inter,
-        "[assignments, inter]",
-    )?;
-    need(
-        "bucket_out",
-        scratch.out.len(),
-        total * hidden,
-        "[assignments, hidden]",
-    )?;
-    need(
-        "out_sum",
-        out_sum.len(),
-        n_tokens * hidden,
-        "[n_tokens, hidden]",
-    )?;
+    let (rows_i, rows_h) = ("[assignments, inter]", "[assignments, hidden]");
+    for (field, have, want, shape) in [
+        ("bucket_weights", weights.len(), total, "[assignments]"),
+        (
+            "bucket_input",
+            input.len(),
+            n_tokens * hidden,
+            "[n_tokens, hidden]",
+        ),
+        ("bucket_gate", scratch.gate.len(), total * inter, rows_i),
+        ("bucket_up", scratch.up.len(), total * inter, rows_i),
+        ("bucket_act", scratch.act.len(), total * inter, rows_i),
+        ("bucket_out", scratch.out.len(), total * hidden, rows_h),
+        (
+            "out_sum",
+            out_sum.len(),
+            n_tokens * hidden,
+            "[n_tokens, hidden]",
+        ),
+    ] {
+        need(field, have, want, shape)?;
+    }
     if (stride as u64) < offs.block_bytes && slots.len() > 1 {
         return Err((
             "expert_stride",
@@ -514,40 +494,35 @@ pub fn moe_gather_id(
     let (hidden, inter) = (layout.hidden_dim as usize, layout.inter_dim as usize);
     let offs = layout.offsets();
     let total = n_tokens * k;
-    need("indices", indices.len(), total, "[n_tokens * k]")?;
-    need("weights", weights.len(), total, "[n_tokens * k]")?;
-    need(
-        "mlp_in",
-        mlp_in.len(),
-        n_tokens * hidden,
-        "[n_tokens, hidden]",
-    )?;
-    need(
-        "out_sum",
-        out_sum.len(),
-        n_tokens * hidden,
-        "[n_tokens, hidden]",
-    )?;
-    need("htpe", htpe.len(), n_experts, "[n_experts]")?;
-    need("hids", hids.len(), total, "[n_tokens * k]")?;
-    need(
-        "gate_mid",
-        gate_mid.len(),
-        total * inter,
-        "[n_tokens * k, inter]",
-    )?;
-    need(
-        "up_mid",
-        up_mid.len(),
-        total * inter,
-        "[n_tokens * k, inter]",
-    )?;
-    need(
-        "down_mid",
-        down_mid.len(),
-        total * hidden,
-        "[n_tokens * k, hidden]",
-    )?;
+    let (per_a, rows_i) = ("[n_tokens * k]", "[n_tokens * k, inter]");
+    for (field, have, want, shape) in [
+        ("indices", indices.len(), total, per_a),
+        ("weights", weights.len(), total, per_a),
+        (
+            "mlp_in",
+            mlp_in.len(),
+            n_tokens * hidden,
+            "[n_tokens, hidden]",
+        ),
+        (
+            "out_sum",
+            out_sum.len(),
+            n_tokens * hidden,
+            "[n_tokens, hidden]",
+        ),
+        ("htpe", htpe.len(), n_experts, "[n_experts]"),
+        ("hids", hids.len(), total, per_a),
+        ("gate_mid", gate_mid.len(), total * inter, rows_i),
+        ("up_mid", up_mid.len(), total * inter, rows_i),
+        (
+            "down_mid",
+            down_mid.len(),
+            total * hidden,
+            "[n_tokens * k, hidden]",
+        ),
+    ] {
+        need(field, have, want, shape)?;
+    }
     let indices = &indices[..total];
     if let Some((a, &e)) = indices
         .iter()
@@ -614,7 +589,11 @@ pub fn moe_gather_id(
 }
 
 #[cfg(test)]
-#[allow(clippy::needless_range_loop, clippy::too_many_arguments, clippy::type_complexity)]
+#[allow(
+    clippy::needless_range_loop,
+    clippy::too_many_arguments,
+    clippy::type_complexity
+)]
 mod tests {
     use super::*;
     use crate::backend::cpu::matvec::tests::{deq64, quantize, Quant, Rng, Sd};
@@ -948,14 +927,20 @@ mod tests {
                     vec![0f32; total * inter],
                     vec![0f32; total * hidden],
                 ];
-                let mut out = vec![f32::NAN; nt * hidden + 2];
-                run_buckets(&ex, &b, &input, nt, &mut out, &mut scratch).unwrap();
+                let mut out = vec![f32::NAN; (nt + 1) * hidden + 2];
+                // One more token than routed: its row has no assignments and must come out zero.
+                let mut input1 = input.clone();
+                input1.extend(rng.vec(hidden));
+                run_buckets(&ex, &b, &input1, nt + 1, &mut out, &mut scratch).unwrap();
                 close(
                     &out[..nt * hidden],
                     &ref_sum(&ex, &input, &idx, &w, nt, k),
                     &format!("out_sum {bits} {gs} nt {nt} k {k}"),
                 );
-                assert!(out[nt * hidden..].iter().all(|v| v.is_nan()));
+                assert!(out[nt * hidden..(nt + 1) * hidden]
+                    .iter()
+                    .all(|&v| v == 0.0));
+                assert!(out[(nt + 1) * hidden..].iter().all(|v| v.is_nan()));
                 // Scratch rows follow the assignments: act and out of assignment j.
                 for j in 0..total {
                     let t = b.token_idx[j] as usize;
@@ -974,10 +959,10 @@ mod tests {
                     .num_threads(1)
                     .build()
                     .unwrap();
-                let mut out1 = vec![f32::NAN; nt * hidden + 2];
-                one.install(|| run_buckets(&ex, &b, &input, nt, &mut out1, &mut scratch))
+                let mut out1 = vec![f32::NAN; (nt + 1) * hidden + 2];
+                one.install(|| run_buckets(&ex, &b, &input1, nt + 1, &mut out1, &mut scratch))
                     .unwrap();
-                assert_eq!(out1[..nt * hidden], out[..nt * hidden]);
+                assert_eq!(out1[..(nt + 1) * hidden], out[..(nt + 1) * hidden]);
             }
         }
     }
@@ -1168,5 +1153,86 @@ mod tests {
         let e = r.unwrap_err();
         assert_eq!(e.0, "expert_base", "{}", e.1);
         assert!(untouched(&out, &htpe, &hids, &mids));
+    }
+
+    /// Decode-shaped MoE (a3b: hidden 2048, inter 512, 4-bit g64 bf16, top-8) on both cores. Run
+    /// with `cargo test --release --no-default-features --lib moe::tests::bandwidth -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bandwidth() {
+        let (ne, k, hidden, inter) = (64usize, 8usize, 2048usize, 512usize);
+        let layout = ExpertLayout {
+            hidden_dim: hidden as u32,
+            inter_dim: inter as u32,
+            bits: 4,
+            group_size: 64,
+            scale_dtype: WDtype::Bf16,
+        };
+        let offs = layout.offsets();
+        let stride = offs.block_bytes as usize;
+        let mut rng = Rng::new(16);
+        let mut words: Vec<u32> = (0..ne * stride / 4)
+            .map(|_| rng.next_u64() as u32)
+            .collect();
+        // Valid small bf16 scales and biases.
+        for e in 0..ne {
+            for (wr, rows, cols) in [
+                (offs.gate, inter, hidden),
+                (offs.up, inter, hidden),
+                (offs.down, hidden, inter),
+            ] {
+                let n = wr.scale_bytes(rows as u64, cols as u64) as usize;
+                for at in [wr.s_off, wr.b_off] {
+                    let start = (e * stride + at as usize) / 4;
+                    for w in &mut words[start..start + n / 4] {
+                        let (a, b) = (
+                            half::bf16::from_f32(rng.f32() * 0.01),
+                            half::bf16::from_f32(rng.f32() * 0.01),
+                        );
+                        *w = a.to_bits() as u32 | (b.to_bits() as u32) << 16;
+                    }
+                }
+            }
+        }
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut buf = vec![0u8; bytes.len() + 8];
+        let a = buf.as_ptr().align_offset(8);
+        buf[a..a + bytes.len()].copy_from_slice(&bytes);
+        let experts = &buf[a..a + bytes.len()];
+        for nt in [1usize, 4] {
+            let input = rng.vec(nt * hidden);
+            let mut idx = Vec::new();
+            for t in 0..nt {
+                idx.extend((0..k).map(|j| ((t * 13 + j * 7) % ne) as u32));
+            }
+            let w = vec![0.125f32; nt * k];
+            let total = nt * k;
+            let mut out = vec![0f32; nt * hidden];
+            let (mut htpe, mut hids) = (vec![0u32; ne], vec![0u32; total]);
+            let (mut g, mut u, mut d) = (
+                vec![0f32; total * inter],
+                vec![0f32; total * inter],
+                vec![0f32; total * hidden],
+            );
+            let mut run = || {
+                moe_gather_id(
+                    experts, stride, &layout, &idx, &w, &input, &mut out, &mut htpe, &mut hids,
+                    &mut g, &mut u, &mut d, nt, ne, k,
+                )
+                .unwrap()
+            };
+            run();
+            let mut best = f64::INFINITY;
+            for _ in 0..20 {
+                let t0 = std::time::Instant::now();
+                run();
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            let mut used: Vec<u32> = idx.clone();
+            used.sort();
+            used.dedup();
+            let moved = (used.len() * stride) as f64;
+            println!("moe_gather_id n_tokens {nt} k {k}: {:.3} ms, {} experts, {:.1} GB/s of expert weights", best * 1e3, used.len(), moved / best / 1e9);
+        }
     }
 }

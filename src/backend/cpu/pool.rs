@@ -199,6 +199,15 @@ impl CpuBufferPool {
         Ok(std::slice::from_raw_parts_mut(phys.ptr.as_ptr(), slot.bytes.min(phys.len)))
     }
 
+    /// Bytes of the distinct owned (not borrowed) physical buffers behind `ids`.
+    fn owned_physical_bytes(&self, ids: impl Iterator<Item = usize>) -> u64 {
+        let mut seen = std::collections::BTreeSet::new();
+        ids.map(|i| self.slots[i].physical)
+            .filter(|&p| !self.physicals[p].is_borrowed() && seen.insert(p))
+            .map(|p| self.physicals[p].len as u64)
+            .sum()
+    }
+
     /// Drop physical buffers no slot references and renumber the rest, keeping order.
     fn collect_garbage(&mut self) {
         let mut used = vec![false; self.physicals.len()];
@@ -278,7 +287,7 @@ impl BufferPool for CpuBufferPool {
     fn upload_at<B: Buf>(&mut self, id: BufId<B>, offset: usize, host: &[u8]) -> Result<()> {
         check_id(self, id, "upload")?;
         let slot = &self.slots[id.raw() as usize];
-        let end = offset.checked_add(host.len()).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(host.len());
         if end > slot.bytes {
             return Err(Error::SizeMismatch {
                 label: slot.label.clone(),
@@ -338,23 +347,18 @@ impl BufferPool for CpuBufferPool {
         let coloring = greedy_color(&lt, sizes, colorable);
         let owned: Vec<bool> = self.slots.iter().map(|s| !self.physicals[s.physical].is_borrowed()).collect();
         let logical: u64 = (0..n).filter(|&i| owned[i]).map(|i| self.slots[i].bytes as u64).sum();
-        let colored_logical: u64 = coloring.bufid_to_color.keys().map(|&r| sizes(r) as u64).sum();
-        let fixed = logical - colored_logical;
+        // Memory this plan cannot fold: the distinct physical buffers of owned ids it does not
+        // colour (ids pinned by an earlier plan already share theirs).
+        let fixed = self.owned_physical_bytes((0..n).filter(|i| !coloring.bufid_to_color.contains_key(&(*i as u32))));
         let peak = peak_live_bytes(&lt, &coloring, sizes);
         let mut report = PlanReport {
             logical_bytes: logical,
-            physical_bytes: logical,
+            physical_bytes: self.owned_physical_bytes(0..n),
             lower_bound_bytes: fixed + peak,
             aliased_buffers: 0,
             colors: 0,
         };
         if !alias {
-            // Report only; the physical bytes are the distinct owned buffers in use.
-            let mut seen = std::collections::BTreeSet::new();
-            report.physical_bytes = (0..n)
-                .filter(|&i| owned[i] && seen.insert(self.slots[i].physical))
-                .map(|i| self.physicals[self.slots[i].physical].len as u64)
-                .sum();
             return Ok(report);
         }
         let mut color_phys = Vec::with_capacity(coloring.color_bytes.len());
@@ -373,11 +377,7 @@ impl BufferPool for CpuBufferPool {
             backend: "cpu".into(),
             msg: format!("commit_plan produced an unsafe layout: {msg}"),
         })?;
-        let mut seen = std::collections::BTreeSet::new();
-        report.physical_bytes = (0..n)
-            .filter(|&i| owned[i] && seen.insert(self.slots[i].physical))
-            .map(|i| self.physicals[self.slots[i].physical].len as u64)
-            .sum();
+        report.physical_bytes = self.owned_physical_bytes(0..n);
         report.aliased_buffers = coloring.bufid_to_color.len() as u64;
         report.colors = coloring.color_bytes.len() as u64;
         Ok(report)

@@ -137,7 +137,9 @@ mod tests {
                 let size = scalar_size(ty);
                 let mut count = 1;
                 if let Some(b) = name_part.find('[') {
-                    count = name_part[b + 1..name_part.len() - 1].parse().expect("array length");
+                    count = name_part[b + 1..name_part.len() - 1]
+                        .parse()
+                        .expect("array length");
                     name_part.truncate(b);
                 }
                 off = off.next_multiple_of(size);
@@ -145,7 +147,13 @@ mod tests {
                 fields.push((name_part, off));
                 off += size * count;
             }
-            out.insert(name, CLayout { size: off.next_multiple_of(align), fields });
+            out.insert(
+                name,
+                CLayout {
+                    size: off.next_multiple_of(align),
+                    fields,
+                },
+            );
         }
         out
     }
@@ -155,10 +163,18 @@ mod tests {
         let src = include_str!("../../../shaders/metal/params.h");
         let c = parse_params_h(src);
         let rust = layouts();
-        assert_eq!(c.len(), rust.len(), "params.h has {:?}", c.keys().collect::<Vec<_>>());
+        assert_eq!(
+            c.len(),
+            rust.len(),
+            "params.h has {:?}",
+            c.keys().collect::<Vec<_>>()
+        );
         for (name, size, fields) in rust {
-            let cl = c.get(name).unwrap_or_else(|| panic!("{name} is not in params.h"));
-            let rf: Vec<(String, usize)> = fields.iter().map(|(f, o)| (f.to_string(), *o)).collect();
+            let cl = c
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} is not in params.h"));
+            let rf: Vec<(String, usize)> =
+                fields.iter().map(|(f, o)| (f.to_string(), *o)).collect();
             assert_eq!(cl.fields, rf, "{name}: field names or offsets differ");
             assert_eq!(cl.size, size, "{name}: size differs");
         }
@@ -169,13 +185,28 @@ mod tests {
         let src = include_str!("../../../shaders/metal/params.h");
         let sizes: BTreeMap<&str, usize> = layouts().into_iter().map(|(n, s, _)| (n, s)).collect();
         let mut seen = 0;
-        for line in src.lines().filter(|l| l.starts_with("static_assert(sizeof(")) {
+        for line in src
+            .lines()
+            .filter(|l| l.starts_with("static_assert(sizeof("))
+        {
             let name = &line["static_assert(sizeof(".len()..line.find(')').unwrap()];
-            let n: usize = line.split("== ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+            let n: usize = line
+                .split("== ")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
             assert_eq!(sizes.get(name), Some(&n), "static_assert for {name}");
             seen += 1;
         }
-        assert_eq!(seen, sizes.len(), "every struct needs a static_assert in params.h");
+        assert_eq!(
+            seen,
+            sizes.len(),
+            "every struct needs a static_assert in params.h"
+        );
     }
 
     #[test]
@@ -196,8 +227,18 @@ mod tests {
 
     #[test]
     fn the_parser_sees_offsets_and_arrays() {
-        let c = parse_params_h("struct A { ulong s; ulong o[3]; uint m; uint k; };\nstruct B { uint x; };");
-        assert_eq!(c["A"].fields, vec![("s".into(), 0), ("o".into(), 8), ("m".into(), 32), ("k".into(), 36)]);
+        let c = parse_params_h(
+            "struct A { ulong s; ulong o[3]; uint m; uint k; };\nstruct B { uint x; };",
+        );
+        assert_eq!(
+            c["A"].fields,
+            vec![
+                ("s".into(), 0),
+                ("o".into(), 8),
+                ("m".into(), 32),
+                ("k".into(), 36)
+            ]
+        );
         assert_eq!(c["A"].size, 40);
         assert_eq!(c["B"].size, 4);
     }
