@@ -84,14 +84,23 @@ fn bandwidth(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(2 * n as u64));
     g.bench_function("copy_256MiB", |b| {
         b.iter(|| {
-            dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+            dst.par_chunks_mut(chunk)
+                .zip(src.par_chunks(chunk))
+                .for_each(|(d, s)| d.copy_from_slice(s));
             black_box(&dst);
         })
     });
     let words: Vec<u64> = vec![3u64; n / 8];
     g.throughput(Throughput::Bytes(n as u64));
     g.bench_function("read_256MiB", |b| {
-        b.iter(|| black_box(words.par_chunks(chunk / 8).map(|c| c.iter().fold(0u64, |a, &x| a ^ x)).reduce(|| 0, |a, b| a ^ b)))
+        b.iter(|| {
+            black_box(
+                words
+                    .par_chunks(chunk / 8)
+                    .map(|c| c.iter().fold(0u64, |a, &x| a ^ x))
+                    .reduce(|| 0, |a, b| a ^ b),
+            )
+        })
     });
     g.finish();
 }
@@ -100,7 +109,11 @@ fn matvec_bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("matvec");
     g.sample_size(20);
     // M = 1 on a 4-bit weight of 72 MiB (beyond the caches): the decode path.
-    for &(rows, cols, bits, m) in &[(16384usize, 8192usize, 4u32, 1usize), (16384, 8192, 8, 1), (4096, 4096, 4, 64)] {
+    for &(rows, cols, bits, m) in &[
+        (16384usize, 8192usize, 4u32, 1usize),
+        (16384, 8192, 8, 1),
+        (4096, 4096, 4, 64),
+    ] {
         let w = Owned::new(rows, cols, bits, 7);
         let mut x = vec![0f32; cols * m];
         rng_fill(&mut x, 3);
@@ -131,7 +144,19 @@ fn attention_bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes((2 * kv_len * kv_dim * 4) as u64));
     g.bench_function("decode_kv4096", |b| {
         b.iter(|| {
-            attn::sdpa_causal(&q, &k, &v, &mut out, 1, heads, heads / kv_heads, hd, kv_dim, kv_len - 1, 0.0625)
+            attn::sdpa_causal(
+                &q,
+                &k,
+                &v,
+                &mut out,
+                1,
+                heads,
+                heads / kv_heads,
+                hd,
+                kv_dim,
+                kv_len - 1,
+                0.0625,
+            )
         })
     });
     g.finish();
@@ -152,14 +177,39 @@ fn delta_net_bench(c: &mut Criterion) {
         let beta = vec![0.5f32; t * nv];
         let mut state = vec![0f32; nv * dk * dv];
         let mut out = vec![0f32; t * nv * dv];
-        let name = if chunk == 0 { format!("step_t{t}") } else { format!("chunk{chunk}_t{t}") };
+        let name = if chunk == 0 {
+            format!("step_t{t}")
+        } else {
+            format!("chunk{chunk}_t{t}")
+        };
         g.bench_function(name, |b| {
             b.iter(|| {
                 if chunk == 0 {
-                    linear_attn::delta_net_step(&mut state, &conv, &gdec, &beta, &mut out, nv, dv, nv / nk, dk, t)
+                    linear_attn::delta_net_step(
+                        &mut state,
+                        &conv,
+                        &gdec,
+                        &beta,
+                        &mut out,
+                        nv,
+                        dv,
+                        nv / nk,
+                        dk,
+                        t,
+                    )
                 } else {
                     linear_attn::delta_net_chunkwise(
-                        &mut state, &conv, &gdec, &beta, &mut out, nv, dv, nv / nk, dk, t, chunk,
+                        &mut state,
+                        &conv,
+                        &gdec,
+                        &beta,
+                        &mut out,
+                        nv,
+                        dv,
+                        nv / nk,
+                        dk,
+                        t,
+                        chunk,
                     )
                 }
             })
@@ -179,14 +229,25 @@ fn expert_buffer(layout: &ExpertLayout, n: usize) -> Vec<u8> {
             let mut w = vec![0f32; rows * cols];
             rng_fill(&mut w, (e * 3) as u64 + part.w_off);
             let wb: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x * 0.05)).collect();
-            let q = quant::quantize(quant::QuantInput::Bf16(&wb), rows, cols, 64, 4).expect("quantize");
+            let q =
+                quant::quantize(quant::QuantInput::Bf16(&wb), rows, cols, 64, 4).expect("quantize");
             let put = |block: &mut [u8], off: u64, bytes: Vec<u8>| {
                 block[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes)
             };
-            put(block, part.w_off, q.packed.iter().flat_map(|w| w.to_le_bytes()).collect());
+            put(
+                block,
+                part.w_off,
+                q.packed.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            );
             for (off, v) in [(part.s_off, &q.scales), (part.b_off, &q.biases)] {
-                let quant::ScaleVec::Bf16(v) = v else { unreachable!("bf16 in, bf16 scales out") };
-                put(block, off, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect());
+                let quant::ScaleVec::Bf16(v) = v else {
+                    unreachable!("bf16 in, bf16 scales out")
+                };
+                put(
+                    block,
+                    off,
+                    v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+                );
             }
         }
     }
@@ -197,7 +258,13 @@ fn moe_bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("moe");
     g.sample_size(20);
     // Qwen3-Next-80B-A3B routed experts: hidden 2048, inter 512, 4-bit g64, top-10 (64 experts resident).
-    let layout = ExpertLayout { hidden_dim: 2048, inter_dim: 512, bits: 4, group_size: 64, scale_dtype: WDtype::Bf16 };
+    let layout = ExpertLayout {
+        hidden_dim: 2048,
+        inter_dim: 512,
+        bits: 4,
+        group_size: 64,
+        scale_dtype: WDtype::Bf16,
+    };
     let stride = layout.offsets().block_bytes as usize;
     let n_experts = 64usize;
     let experts = expert_buffer(&layout, n_experts);
@@ -205,7 +272,9 @@ fn moe_bench(c: &mut Criterion) {
         let (h, i) = (2048usize, 512usize);
         let mut x = vec![0f32; t * h];
         rng_fill(&mut x, 9);
-        let idx: Vec<u32> = (0..t).flat_map(|tt| (0..k).map(move |j| ((tt * 3 + j * 5) % n_experts) as u32)).collect();
+        let idx: Vec<u32> = (0..t)
+            .flat_map(|tt| (0..k).map(move |j| ((tt * 3 + j * 5) % n_experts) as u32))
+            .collect();
         let w = vec![1.0f32 / k as f32; t * k];
         let mut out = vec![0f32; t * h];
         let mut htpe = vec![0u32; n_experts];
@@ -218,8 +287,8 @@ fn moe_bench(c: &mut Criterion) {
         g.bench_function(format!("gather_t{t}_k{k}"), |b| {
             b.iter(|| {
                 moe::moe_gather_id(
-                    &experts, stride, &layout, &idx, &w, &x, &mut out, &mut htpe, &mut hids, &mut gm, &mut um,
-                    &mut dm, t, n_experts, k,
+                    &experts, stride, &layout, &idx, &w, &x, &mut out, &mut htpe, &mut hids,
+                    &mut gm, &mut um, &mut dm, t, n_experts, k,
                 )
                 .expect("moe")
             })
@@ -228,5 +297,12 @@ fn moe_bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bandwidth, matvec_bench, attention_bench, delta_net_bench, moe_bench);
+criterion_group!(
+    benches,
+    bandwidth,
+    matvec_bench,
+    attention_bench,
+    delta_net_bench,
+    moe_bench
+);
 criterion_main!(benches);

@@ -27,7 +27,9 @@ pub enum Error {
         msg: String,
     },
     /// A byte range the op would touch does not fit its buffer.
-    #[error("[{op}] field `{field}` (buffer `{buf_label}`): needs {needed} bytes, buffer has {have}")]
+    #[error(
+        "[{op}] field `{field}` (buffer `{buf_label}`): needs {needed} bytes, buffer has {have}"
+    )]
     OutOfBounds {
         op: String,
         field: &'static str,

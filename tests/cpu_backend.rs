@@ -13,7 +13,9 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn read_f32(be: &CpuBackend, id: BufId<impl moeflux::graph::Buf>, n: usize) -> Vec<f32> {
     let mut b = vec![0u8; n * 4];
     be.pool().download(id, &mut b).unwrap();
-    b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 #[test]
@@ -21,8 +23,12 @@ fn residual_add_in_place_and_errors_name_label_and_field() {
     let mut be = CpuBackend::open(CpuConfig::default()).unwrap();
     let a: BufId<ResidualBuf> = be.pool_mut().alloc(16, "a", true).unwrap();
     let b: BufId<ActBuf> = be.pool_mut().alloc(16, "b", true).unwrap();
-    be.pool_mut().upload(a, &f32_bytes(&[1.0, 2.0, 3.0, 4.0])).unwrap();
-    be.pool_mut().upload(b, &f32_bytes(&[0.5, 0.25, -1.0, 8.0])).unwrap();
+    be.pool_mut()
+        .upload(a, &f32_bytes(&[1.0, 2.0, 3.0, 4.0]))
+        .unwrap();
+    be.pool_mut()
+        .upload(b, &f32_bytes(&[0.5, 0.25, -1.0, 8.0]))
+        .unwrap();
     let add = |n_tokens, dim| Op::ResidualAddNTokens {
         label: "L0.res".into(),
         a,
@@ -36,8 +42,21 @@ fn residual_add_in_place_and_errors_name_label_and_field() {
 
     let err = be.execute(&Graph::from(vec![add(2, 4)]), "g").unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, Error::OutOfBounds { needed: 32, have: 16, .. }), "{msg}");
-    assert!(msg.contains("L0.res (ResidualAddNTokens)") && msg.contains("`a`"), "{msg}");
+    assert!(
+        matches!(
+            err,
+            Error::OutOfBounds {
+                needed: 32,
+                have: 16,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("L0.res (ResidualAddNTokens)") && msg.contains("`a`"),
+        "{msg}"
+    );
 
     let bad = Op::ResidualAddNTokens {
         label: "L0.res".into(),
@@ -48,7 +67,17 @@ fn residual_add_in_place_and_errors_name_label_and_field() {
         dim: 4,
     };
     let err = be.execute(&Graph::from(vec![bad]), "g").unwrap_err();
-    assert!(matches!(err, Error::BadBufId { id: 99, field: "b", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::BadBufId {
+                id: 99,
+                field: "b",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // A residual buffer wired where an activation is expected: a role error at run time too.
     let wrong = Op::ResidualAddNTokens {
@@ -69,7 +98,9 @@ fn residual_add_in_place_and_errors_name_label_and_field() {
 fn an_input_aliasing_the_output_is_read_before_it_is_overwritten() {
     let mut be = CpuBackend::open(CpuConfig::default()).unwrap();
     let x: BufId<ActBuf> = be.pool_mut().alloc(16, "x", true).unwrap();
-    be.pool_mut().upload(x, &f32_bytes(&[0.0, 1.0, -2.0, 3.0])).unwrap();
+    be.pool_mut()
+        .upload(x, &f32_bytes(&[0.0, 1.0, -2.0, 3.0]))
+        .unwrap();
     // x *= sigmoid(x): gate and x are the same buffer.
     let op = Op::SigmoidGateNTokens {
         label: "gate".into(),
@@ -140,5 +171,14 @@ fn weight_ops_without_a_weight_file_are_clear_errors() {
         weight_dtype: moeflux::graph::WDtype::Bf16,
     };
     let err = be.execute(&Graph::from(vec![op]), "g").unwrap_err();
-    assert!(matches!(err, Error::NoWeights { field: "weight_off", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::NoWeights {
+                field: "weight_off",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

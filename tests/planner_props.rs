@@ -57,7 +57,8 @@ fn pool_for(residual: &[bool], persistent: &[bool], sizes: &[usize]) -> CpuBuffe
         } else {
             moeflux::graph::Role::Act
         };
-        pool.alloc_role(sizes[i], role, &format!("b{i}"), persistent[i]).unwrap();
+        pool.alloc_role(sizes[i], role, &format!("b{i}"), persistent[i])
+            .unwrap();
     }
     pool
 }
@@ -122,11 +123,20 @@ fn a_second_graph_that_breaks_the_layout_is_detected() {
         out: BufId::from(o),
         total: 4,
     };
-    let g1 = Graph::from(vec![sw("a", x, x, b1), sw("b", b1, x, out), sw("c", x, x, b2), sw("d", b2, x, out)]);
+    let g1 = Graph::from(vec![
+        sw("a", x, x, b1),
+        sw("b", b1, x, out),
+        sw("c", x, x, b2),
+        sw("d", b2, x, out),
+    ]);
     let report = pool.commit_plan(&g1, true).unwrap();
     assert_eq!(report.colors, 1);
     assert_eq!(pool.physical_of(b1.raw()), pool.physical_of(b2.raw()));
-    let g2 = Graph::from(vec![sw("a", x, x, b1), sw("c", x, x, b2), sw("d", b1, b2, out)]);
+    let g2 = Graph::from(vec![
+        sw("a", x, x, b1),
+        sw("c", x, x, b2),
+        sw("d", b1, b2, out),
+    ]);
     let err = check_layout(&g2, &pool).unwrap_err();
     assert!(err.contains("b1") && err.contains("b2"), "{err}");
 }

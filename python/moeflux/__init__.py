@@ -34,7 +34,7 @@ from ._core import (
 from ._graph import Graph
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig
-from .convert import ConvertError, ModelDir, as_model_dir, convert
+from .convert import ConvertError, ModelDir
 from .model import GenerationStats, Model, ModelError
 
 __all__ = [
@@ -56,8 +56,6 @@ __all__ = [
     "ModelConfig",
     "ModelDir",
     "GenerationStats",
-    "convert",
-    "as_model_dir",
     # errors
     "MoefluxError",
     "GraphError",

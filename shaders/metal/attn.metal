@@ -178,3 +178,167 @@ template <uint F>
 
 template [[host_name("attn_sdpa_f1")]] [[kernel]] decltype(attn_sdpa<1>) attn_sdpa<1>;
 template [[host_name("attn_sdpa_f2")]] [[kernel]] decltype(attn_sdpa<2>) attn_sdpa<2>;
+
+// Flash attention for prefill. A threadgroup holds 16 query rows in threadgroup memory: 16 tokens
+// of one head, or with F = 2 8 tokens of two heads sharing a kv head (each K/V tile then serves
+// both). Keys go through threadgroup memory in tiles of 8; per tile each simdgroup (8 rows)
+// computes S = Q K^T and O += P V on simdgroup matrices. The online softmax runs on S via
+// threadgroup memory with lane l owning row l / 4 (its max and sum in registers, reduced over the
+// row's 4 lanes with shuffles), so it does not depend on the matrices' lane layout; O is rescaled
+// by a diagonal matrix product. HD (64, 128 or 256) bounds head_dim, a multiple of 8.
+template <uint F, uint HD>
+[[kernel]] void attn_sdpa_tile(constant SdpaParams& p [[buffer(0)]],
+                               device const float* q [[buffer(1)]],
+                               device const float* kc [[buffer(2)]],
+                               device const float* vc [[buffer(3)]],
+                               device float* out [[buffer(4)]],
+                               uint2 tg [[threadgroup_position_in_grid]],
+                               uint tid [[thread_index_in_threadgroup]],
+                               uint sid [[simdgroup_index_in_threadgroup]],
+                               uint lane [[thread_index_in_simdgroup]]) {
+  constexpr uint NSG = 2;
+  constexpr uint ROWS = 8 * NSG;
+  constexpr uint BK = 8;
+  constexpr uint BT = ROWS / F;  // tokens per threadgroup
+  constexpr uint ND = HD / 8;
+  threadgroup float qs[ROWS * HD];
+  threadgroup float kv[BK * HD];
+  threadgroup float sc[NSG * 64];
+  threadgroup float dg[NSG * 64];
+
+  const uint hd = p.head_dim;
+  const uint nd = hd / 8;
+  const uint t_base = tg.y * BT;
+  const uint col = (tg.x * F / p.heads_per_kv) * hd;
+  const ulong row_stride = ulong(p.num_heads) * hd;
+  const float neg = -FLT_MAX;
+
+  for (uint idx = tid; idx < ROWS * hd; idx += NSG * 32) {
+    const uint r = idx / hd;
+    const uint d = idx - r * hd;
+    const uint s = r / 8;
+    const uint head = tg.x * F + (F == 2 ? s : 0);
+    const uint tok = t_base + (F == 1 ? s * 8 : 0) + r % 8;
+    qs[r * HD + d] = tok < p.n_tokens ? q[tok * row_stride + head * hd + d] * p.scale : 0.0f;
+  }
+
+  // This simdgroup's rows: head, first token; lane l works on row l / 4, columns c0, c0 + 1.
+  const uint head = tg.x * F + (F == 2 ? sid : 0);
+  const uint my_t0 = t_base + (F == 1 ? sid * 8 : 0);
+  const uint i = lane / 4;
+  const uint c0 = (lane % 4) * 2;
+  const uint tok = my_t0 + i;
+  const uint last_key = p.kv_start + tok;  // the last key row `tok` may see
+  const bool any_row = my_t0 < p.n_tokens;
+  const uint my_keys = p.kv_start + min(my_t0 + 7, p.n_tokens - 1) + 1;
+  const uint tg_keys = p.kv_start + min(t_base + BT - 1, p.n_tokens - 1) + 1;
+  float m = neg;
+  float l = 0.0f;
+  simdgroup_float8x8 o[ND];
+  for (uint db = 0; db < ND; ++db) o[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  threadgroup float* my_sc = sc + sid * 64;
+  threadgroup float* my_dg = dg + sid * 64;
+
+  for (uint j0 = 0; j0 < tg_keys; j0 += BK) {
+    for (uint idx = tid; idx < BK * hd; idx += NSG * 32) {
+      const uint j = idx / hd;
+      const uint d = idx - j * hd;
+      kv[j * HD + d] = j0 + j < tg_keys ? kc[ulong(j0 + j) * p.kv_dim + col + d] : 0.0f;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const bool act = any_row && j0 < my_keys;
+    if (act) {
+      simdgroup_float8x8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      for (uint db = 0; db < ND; ++db) {
+        if (db < nd) {
+          simdgroup_float8x8 a;
+          simdgroup_float8x8 bt;
+          simdgroup_load(a, qs + sid * 8 * HD + db * 8, HD);
+          simdgroup_load(bt, kv + db * 8, HD, ulong2(0, 0), true);
+          simdgroup_multiply_accumulate(s, a, bt, s);
+        }
+      }
+      simdgroup_store(s, my_sc, 8);
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      const bool vis0 = tok < p.n_tokens && j0 + c0 <= last_key;
+      const bool vis1 = tok < p.n_tokens && j0 + c0 + 1 <= last_key;
+      const float s0 = my_sc[i * 8 + c0];
+      const float s1 = my_sc[i * 8 + c0 + 1];
+      float mx = max(vis0 ? s0 : neg, vis1 ? s1 : neg);
+      mx = max(mx, simd_shuffle_xor(mx, 1));
+      mx = max(mx, simd_shuffle_xor(mx, 2));
+      const float mn = max(m, mx);
+      const float c = exp(m - mn);
+      const float p0 = vis0 ? exp(s0 - mn) : 0.0f;
+      const float p1 = vis1 ? exp(s1 - mn) : 0.0f;
+      float rs = p0 + p1;
+      rs += simd_shuffle_xor(rs, 1);
+      rs += simd_shuffle_xor(rs, 2);
+      l = l * c + rs;
+      m = mn;
+      my_sc[i * 8 + c0] = p0;
+      my_sc[i * 8 + c0 + 1] = p1;
+      my_dg[i * 8 + c0] = c0 == i ? c : 0.0f;
+      my_dg[i * 8 + c0 + 1] = c0 + 1 == i ? c : 0.0f;
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      simdgroup_float8x8 dm;
+      simdgroup_load(dm, my_dg, 8);
+      for (uint db = 0; db < ND; ++db) {
+        if (db < nd) {
+          simdgroup_float8x8 t;
+          simdgroup_multiply(t, dm, o[db]);
+          o[db] = t;
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint idx = tid; idx < BK * hd; idx += NSG * 32) {
+      const uint j = idx / hd;
+      const uint d = idx - j * hd;
+      kv[j * HD + d] = j0 + j < tg_keys ? vc[ulong(j0 + j) * p.kv_dim + col + d] : 0.0f;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (act) {
+      simdgroup_float8x8 pm;
+      simdgroup_load(pm, my_sc, 8);
+      for (uint db = 0; db < ND; ++db) {
+        if (db < nd) {
+          simdgroup_float8x8 vb;
+          simdgroup_load(vb, kv + db * 8, HD);
+          simdgroup_multiply_accumulate(o[db], pm, vb, o[db]);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+
+  if (!any_row) return;
+  // O / l, through this simdgroup's (no longer needed) Q rows.
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  my_dg[i * 8 + c0] = c0 == i ? inv : 0.0f;
+  my_dg[i * 8 + c0 + 1] = c0 + 1 == i ? inv : 0.0f;
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_float8x8 dm;
+  simdgroup_load(dm, my_dg, 8);
+  threadgroup float* my_q = qs + sid * 8 * HD;
+  for (uint db = 0; db < ND; ++db) {
+    if (db < nd) {
+      simdgroup_float8x8 t;
+      simdgroup_multiply(t, dm, o[db]);
+      simdgroup_store(t, my_q + db * 8, HD);
+    }
+  }
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint idx = lane; idx < 8 * hd; idx += 32) {
+    const uint r = idx / hd;
+    const uint d = idx - r * hd;
+    if (my_t0 + r < p.n_tokens) out[(my_t0 + r) * row_stride + head * hd + d] = my_q[r * HD + d];
+  }
+}
+
+template [[host_name("attn_sdpa_tile_f1_d64")]] [[kernel]] decltype(attn_sdpa_tile<1, 64>) attn_sdpa_tile<1, 64>;
+template [[host_name("attn_sdpa_tile_f1_d128")]] [[kernel]] decltype(attn_sdpa_tile<1, 128>) attn_sdpa_tile<1, 128>;
+template [[host_name("attn_sdpa_tile_f1_d256")]] [[kernel]] decltype(attn_sdpa_tile<1, 256>) attn_sdpa_tile<1, 256>;
+template [[host_name("attn_sdpa_tile_f2_d64")]] [[kernel]] decltype(attn_sdpa_tile<2, 64>) attn_sdpa_tile<2, 64>;
+template [[host_name("attn_sdpa_tile_f2_d128")]] [[kernel]] decltype(attn_sdpa_tile<2, 128>) attn_sdpa_tile<2, 128>;
+template [[host_name("attn_sdpa_tile_f2_d256")]] [[kernel]] decltype(attn_sdpa_tile<2, 256>) attn_sdpa_tile<2, 256>;

@@ -63,4 +63,24 @@ inline float q_field(uint w, uint j) {
   return float((w >> (BITS * j)) & ((1u << BITS) - 1u));
 }
 
+// One 32-lane block step of the dedicated matvec (matvec_qmv, moe_gmv): this lane's 2 words of
+// rows row0..row0+R, against its 2 * 32/BITS inputs `xl` (prescaled) whose plain sum is `xsum`
+// and whose first column is `col`. Per group: s * dot(q, x) + b * sum(x), folded into FMAs.
+template <int BITS, typename S, uint R>
+inline void qmv_rows(thread const float* xl, float xsum, uint col, device const uint* w,
+                     device const S* scales, device const S* biases, uint row0, uint out_dim, uint wpr,
+                     uint gpr, uint group_size, thread float* acc) {
+  const uint word = col / (32 / BITS);
+  const uint grp = col / group_size;
+  for (uint r = 0; r < R; ++r) {
+    const uint row = row0 + r;
+    if (row < out_dim) {
+      device const uint* wr = w + ulong(row) * wpr + word;
+      const float dq = qdot_word<BITS>(wr[0], xl) + qdot_word<BITS>(wr[1], xl + 32 / BITS);
+      const ulong gi = ulong(row) * gpr + grp;
+      acc[r] = fma(to_f32(scales[gi]), dq, fma(to_f32(biases[gi]), xsum, acc[r]));
+    }
+  }
+}
+
 #endif  // MOEFLUX_COMMON_H

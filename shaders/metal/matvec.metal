@@ -46,18 +46,7 @@ template <int BITS, typename S>
         float xl[VPT];
         for (uint j = 0; j < VPT; ++j) xl[j] = xs[v0 + j];
         const float xsum = q_prescale<BITS>(xl) + q_prescale<BITS>(xl + PW);
-        const uint col = c0 + v0;
-        const uint word = col / PW;
-        const uint grp = col / p.group_size;
-        for (uint r = 0; r < R; ++r) {
-          const uint row = row0 + r;
-          if (row < p.out_dim) {
-            device const uint* wr = w + ulong(row) * wpr + word;
-            const float dq = qdot_word<BITS>(wr[0], xl) + qdot_word<BITS>(wr[1], xl + PW);
-            const ulong gi = ulong(row) * gpr + grp;
-            acc[r] = fma(to_f32(scales[gi]), dq, fma(to_f32(biases[gi]), xsum, acc[r]));
-          }
-        }
+        qmv_rows<BITS, S, R>(xl, xsum, c0 + v0, w, scales, biases, row0, p.out_dim, wpr, gpr, p.group_size, acc);
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);

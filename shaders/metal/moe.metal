@@ -336,6 +336,83 @@ template <int BITS, typename S, bool GU>
   }
 }
 
+// The grouped expert product for few routed rows (decode), where the tiled GEMM would leave the
+// GPU idle: threadgroup (row block, routed row r) runs matvec_qmv's dedicated matvec on r's expert
+// block, 4 simdgroups x 4 output rows, the input staged in threadgroup memory. GU computes gate
+// and up from one staged input. Outputs as in moe_ggemm.
+template <int BITS, typename S, bool GU>
+[[kernel]] void moe_gmv(constant MoeGemmParams& p [[buffer(0)]],
+                        device const uchar* experts [[buffer(1)]],
+                        device const float* x [[buffer(2)]],
+                        device const uint* ra [[buffer(3)]],
+                        device const uint* rb [[buffer(4)]],
+                        constant uint* buckets [[buffer(5)]],
+                        device float* out0 [[buffer(6)]],
+                        device float* out1 [[buffer(7)]],
+                        device float* out2 [[buffer(8)]],
+                        uint2 tg [[threadgroup_position_in_grid]],
+                        uint tid [[thread_index_in_threadgroup]],
+                        uint sid [[simdgroup_index_in_threadgroup]],
+                        uint lane [[thread_index_in_simdgroup]]) {
+  constexpr uint NSG = 4;
+  constexpr uint R = 4;
+  constexpr uint XC = 2048;
+  constexpr uint PW = 32 / BITS;
+  constexpr uint VPT = 2 * PW;
+  constexpr uint BLOCK = 32 * VPT;
+  constexpr uint NP = GU ? 2 : 1;
+  threadgroup float xs[XC];
+
+  // The route depends only on the threadgroup, so a skipped row returns as a whole group.
+  const RowRoute rr = route_row(p, tg.y, ra, rb, buckets);
+  if (rr.slot == 0xFFFFFFFFu) return;
+  device const uchar* blk = experts + ulong(rr.slot) * p.stride;
+  const uint row0 = (tg.x * NSG + sid) * R;
+  const uint wpr = p.in_dim / PW;
+  const uint gpr = p.in_dim / p.group_size;
+  device const float* xt = x + ulong(rr.src) * p.in_dim;
+  float acc[NP][R];
+  for (uint q = 0; q < NP; ++q)
+    for (uint r = 0; r < R; ++r) acc[q][r] = 0.0f;
+
+  for (uint c0 = 0; c0 < p.in_dim; c0 += XC) {
+    const uint len = min(XC, p.in_dim - c0);
+    for (uint i = tid; i < len; i += NSG * 32) xs[i] = xt[c0 + i];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint b0 = 0; b0 < len; b0 += BLOCK) {
+      const uint v0 = b0 + lane * VPT;
+      if (v0 < len) {
+        float xl[VPT];
+        for (uint j = 0; j < VPT; ++j) xl[j] = xs[v0 + j];
+        const float xsum = q_prescale<BITS>(xl) + q_prescale<BITS>(xl + PW);
+        for (uint q = 0; q < NP; ++q) {
+          device const uint* w = (device const uint*)(blk + p.off[3 * q]);
+          device const S* sc = (device const S*)(blk + p.off[3 * q + 1]);
+          device const S* bi = (device const S*)(blk + p.off[3 * q + 2]);
+          qmv_rows<BITS, S, R>(xl, xsum, c0 + v0, w, sc, bi, row0, p.out_dim, wpr, gpr, p.group_size, acc[q]);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  for (uint r = 0; r < R; ++r) {
+    const float v0 = simd_sum(acc[0][r]);
+    const float v1 = GU ? simd_sum(acc[NP - 1][r]) : 0.0f;
+    const uint row = row0 + r;
+    if (lane == 0 && row < p.out_dim) {
+      const ulong o = ulong(rr.dst) * p.out_dim + row;
+      if (GU) {
+        out1[o] = v1;
+        out0[o] = silu(v0) * v1;
+        if (p.write_gate != 0) out2[o] = v0;
+      } else {
+        out0[o] = v0;
+      }
+    }
+  }
+}
+
+
 template [[host_name("moe_ggemm_gu_b4_f32")]] [[kernel]] decltype(moe_ggemm<4, float, true>) moe_ggemm<4, float, true>;
 template [[host_name("moe_ggemm_gu_b4_bf16")]] [[kernel]] decltype(moe_ggemm<4, bf16, true>) moe_ggemm<4, bf16, true>;
 template [[host_name("moe_ggemm_gu_b4_f16")]] [[kernel]] decltype(moe_ggemm<4, half, true>) moe_ggemm<4, half, true>;
@@ -348,3 +425,15 @@ template [[host_name("moe_ggemm_down_b4_f16")]] [[kernel]] decltype(moe_ggemm<4,
 template [[host_name("moe_ggemm_down_b8_f32")]] [[kernel]] decltype(moe_ggemm<8, float, false>) moe_ggemm<8, float, false>;
 template [[host_name("moe_ggemm_down_b8_bf16")]] [[kernel]] decltype(moe_ggemm<8, bf16, false>) moe_ggemm<8, bf16, false>;
 template [[host_name("moe_ggemm_down_b8_f16")]] [[kernel]] decltype(moe_ggemm<8, half, false>) moe_ggemm<8, half, false>;
+template [[host_name("moe_gmv_gu_b4_f32")]] [[kernel]] decltype(moe_gmv<4, float, true>) moe_gmv<4, float, true>;
+template [[host_name("moe_gmv_gu_b4_bf16")]] [[kernel]] decltype(moe_gmv<4, bf16, true>) moe_gmv<4, bf16, true>;
+template [[host_name("moe_gmv_gu_b4_f16")]] [[kernel]] decltype(moe_gmv<4, half, true>) moe_gmv<4, half, true>;
+template [[host_name("moe_gmv_gu_b8_f32")]] [[kernel]] decltype(moe_gmv<8, float, true>) moe_gmv<8, float, true>;
+template [[host_name("moe_gmv_gu_b8_bf16")]] [[kernel]] decltype(moe_gmv<8, bf16, true>) moe_gmv<8, bf16, true>;
+template [[host_name("moe_gmv_gu_b8_f16")]] [[kernel]] decltype(moe_gmv<8, half, true>) moe_gmv<8, half, true>;
+template [[host_name("moe_gmv_down_b4_f32")]] [[kernel]] decltype(moe_gmv<4, float, false>) moe_gmv<4, float, false>;
+template [[host_name("moe_gmv_down_b4_bf16")]] [[kernel]] decltype(moe_gmv<4, bf16, false>) moe_gmv<4, bf16, false>;
+template [[host_name("moe_gmv_down_b4_f16")]] [[kernel]] decltype(moe_gmv<4, half, false>) moe_gmv<4, half, false>;
+template [[host_name("moe_gmv_down_b8_f32")]] [[kernel]] decltype(moe_gmv<8, float, false>) moe_gmv<8, float, false>;
+template [[host_name("moe_gmv_down_b8_bf16")]] [[kernel]] decltype(moe_gmv<8, bf16, false>) moe_gmv<8, bf16, false>;
+template [[host_name("moe_gmv_down_b8_f16")]] [[kernel]] decltype(moe_gmv<8, half, false>) moe_gmv<8, half, false>;

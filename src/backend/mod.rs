@@ -40,7 +40,13 @@ pub trait BufferPool: PoolInfo {
     type Handle: ?Sized;
 
     /// Allocate a zero-filled buffer with the role of the runtime `role`.
-    fn alloc_role(&mut self, bytes: usize, role: Role, label: &str, persistent: bool) -> Result<u32>;
+    fn alloc_role(
+        &mut self,
+        bytes: usize,
+        role: Role,
+        label: &str,
+        persistent: bool,
+    ) -> Result<u32>;
     /// Allocate a zero-filled buffer aligned to `alignment` (a power of two).
     fn alloc_aligned_role(
         &mut self,
@@ -52,8 +58,18 @@ pub trait BufferPool: PoolInfo {
     ) -> Result<u32>;
 
     /// Allocate a zero-filled buffer typed `B`.
-    fn alloc<B: ConcreteBuf>(&mut self, bytes: usize, label: &str, persistent: bool) -> Result<BufId<B>> {
-        Ok(BufId::from_raw(self.alloc_role(bytes, B::ROLE, label, persistent)?))
+    fn alloc<B: ConcreteBuf>(
+        &mut self,
+        bytes: usize,
+        label: &str,
+        persistent: bool,
+    ) -> Result<BufId<B>> {
+        Ok(BufId::from_raw(self.alloc_role(
+            bytes,
+            B::ROLE,
+            label,
+            persistent,
+        )?))
     }
     /// Allocate a zero-filled, `alignment`-aligned buffer typed `B` (direct-I/O destinations).
     fn alloc_aligned<B: ConcreteBuf>(
@@ -63,7 +79,13 @@ pub trait BufferPool: PoolInfo {
         label: &str,
         persistent: bool,
     ) -> Result<BufId<B>> {
-        Ok(BufId::from_raw(self.alloc_aligned_role(bytes, alignment, B::ROLE, label, persistent)?))
+        Ok(BufId::from_raw(self.alloc_aligned_role(
+            bytes,
+            alignment,
+            B::ROLE,
+            label,
+            persistent,
+        )?))
     }
 
     /// The handle behind `id`; an error for an unknown id or a role `B` does not accept.
@@ -90,7 +112,11 @@ pub trait BufferPool: PoolInfo {
 }
 
 /// Check that `id` exists in `pool` and has a role `B` accepts (for pool methods taking typed ids).
-pub fn check_id<B: Buf>(pool: &(impl PoolInfo + ?Sized), id: BufId<B>, what: &'static str) -> Result<()> {
+pub fn check_id<B: Buf>(
+    pool: &(impl PoolInfo + ?Sized),
+    id: BufId<B>,
+    what: &'static str,
+) -> Result<()> {
     let raw = id.raw();
     let role = pool.role(raw).ok_or(Error::PoolBadId {
         what,
@@ -143,7 +169,11 @@ pub trait Backend: Send + Sync {
 
     /// Validate then run a whole graph as one submission (or one per op in profile mode).
     fn execute(&self, graph: &Graph, label: &str) -> Result<()> {
-        validate::validate(graph, self.pool(), self.weight_bytes().map(|w| w.len() as u64))?;
+        validate::validate(
+            graph,
+            self.pool(),
+            self.weight_bytes().map(|w| w.len() as u64),
+        )?;
         if self.profile_per_op() {
             for op in &graph.ops {
                 let mut ctx = self.begin_encoding();

@@ -33,7 +33,9 @@ pub fn format_op(op: &Op) -> String {
                 l.group_size,
                 l.scale_dtype.name()
             ),
-            FieldValue::U32List(v) if v.len() > 8 => write!(s, " {name}={:?}..(+{})", &v[..8], v.len() - 8),
+            FieldValue::U32List(v) if v.len() > 8 => {
+                write!(s, " {name}={:?}..(+{})", &v[..8], v.len() - 8)
+            }
             FieldValue::U32List(v) => write!(s, " {name}={v:?}"),
         };
     });

@@ -207,7 +207,12 @@ pub enum FieldValue<'a> {
 /// Where the builder takes field values from (the Python boundary implements it over a dict).
 pub trait FieldSource {
     /// A buffer id for `field`; the source checks the id's role against `accepts`.
-    fn buf(&mut self, field: &'static str, accepts: &'static [Role], role_name: &'static str) -> Result<u32>;
+    fn buf(
+        &mut self,
+        field: &'static str,
+        accepts: &'static [Role],
+        role_name: &'static str,
+    ) -> Result<u32>;
     fn u32(&mut self, field: &'static str) -> Result<u32>;
     fn u64(&mut self, field: &'static str) -> Result<u64>;
     fn f32(&mut self, field: &'static str) -> Result<f32>;

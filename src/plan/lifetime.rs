@@ -71,7 +71,11 @@ pub fn analyze_lifetimes(graph: &Graph) -> Lifetimes {
             (Some(_), None) => true,
             _ => false,
         };
-        let start = if produced { u.first_write.unwrap_or(0) as i64 } else { -1 };
+        let start = if produced {
+            u.first_write.unwrap_or(0) as i64
+        } else {
+            -1
+        };
         // A value written and not read again inside the graph is an output: live to the end.
         let end = match (u.last_write, u.last_read) {
             (Some(w), Some(r)) if w < r => r as i64,
@@ -92,7 +96,11 @@ pub struct Coloring {
 }
 
 /// Deterministic greedy colouring of the ids for which `colorable` holds.
-pub fn greedy_color(lt: &Lifetimes, sizes: impl Fn(u32) -> usize, colorable: impl Fn(u32) -> bool) -> Coloring {
+pub fn greedy_color(
+    lt: &Lifetimes,
+    sizes: impl Fn(u32) -> usize,
+    colorable: impl Fn(u32) -> bool,
+) -> Coloring {
     let mut cands: Vec<(i64, u32, Interval)> = lt
         .intervals
         .iter()
@@ -159,23 +167,37 @@ pub fn peak_live_bytes(lt: &Lifetimes, coloring: &Coloring, sizes: impl Fn(u32) 
 /// Prove that no two ids sharing a physical buffer are live at the same op of `graph`.
 /// Returns a description of the first conflict.
 pub fn check_layout(graph: &Graph, pool: &(impl PoolInfo + ?Sized)) -> Result<(), String> {
+    check_layout_with(
+        graph,
+        |raw| pool.physical_of(raw).map(u64::from),
+        |raw| pool.label_of(raw).unwrap_or("?").to_string(),
+    )
+}
+
+/// [`check_layout`] for a prospective layout: `memory_of(raw)` names the memory behind each id
+/// (ids with equal keys share it).
+pub fn check_layout_with(
+    graph: &Graph,
+    memory_of: impl Fn(u32) -> Option<u64>,
+    label_of: impl Fn(u32) -> String,
+) -> Result<(), String> {
     let lt = analyze_lifetimes(graph);
-    let mut by_phys: BTreeMap<u32, Vec<(u32, Interval)>> = BTreeMap::new();
+    let mut by_memory: BTreeMap<u64, Vec<(u32, Interval)>> = BTreeMap::new();
     for (raw, iv) in &lt.intervals {
-        if let Some(p) = pool.physical_of(*raw) {
-            by_phys.entry(p).or_default().push((*raw, *iv));
+        if let Some(m) = memory_of(*raw) {
+            by_memory.entry(m).or_default().push((*raw, *iv));
         }
     }
-    for (phys, members) in by_phys {
+    for members in by_memory.values() {
         for (i, (a, ia)) in members.iter().enumerate() {
             for (b, ib) in &members[i + 1..] {
                 if ia.overlaps(ib) {
                     return Err(format!(
-                        "buffers {a} (`{}`, live {}..={}) and {b} (`{}`, live {}..={}) share physical buffer {phys}",
-                        pool.label_of(*a).unwrap_or("?"),
+                        "buffers {a} (`{}`, live {}..={}) and {b} (`{}`, live {}..={}) share memory",
+                        label_of(*a),
                         ia.start,
                         ia.end,
-                        pool.label_of(*b).unwrap_or("?"),
+                        label_of(*b),
                         ib.start,
                         ib.end
                     ));
@@ -209,13 +231,20 @@ mod tests {
         let lt = analyze_lifetimes(&g);
         assert_eq!(lt.intervals[&0], Interval { start: -1, end: 0 });
         assert_eq!(lt.intervals[&2], Interval { start: 0, end: 1 });
-        assert_eq!(lt.intervals[&5], Interval { start: 3, end: 4 }, "output lives to the end");
+        assert_eq!(
+            lt.intervals[&5],
+            Interval { start: 3, end: 4 },
+            "output lives to the end"
+        );
         let c = greedy_color(&lt, |_| 16, |_| true);
         // 2:[0,1] 3:[1,2] 4:[2,3] 5:[3,4]: 2 and 4 share, 3 and 5 share.
         assert_eq!(c.bufid_to_color[&2], c.bufid_to_color[&4]);
         assert_eq!(c.bufid_to_color[&3], c.bufid_to_color[&5]);
         assert_ne!(c.bufid_to_color[&2], c.bufid_to_color[&3]);
-        assert!(!c.bufid_to_color.contains_key(&0), "live-in inputs never alias");
+        assert!(
+            !c.bufid_to_color.contains_key(&0),
+            "live-in inputs never alias"
+        );
         assert_eq!(peak_live_bytes(&lt, &c, |_| 16), 32);
     }
 }

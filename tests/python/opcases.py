@@ -64,8 +64,9 @@ class Rig:
         self._floats[name] = arr
         return arr.astype(np.float64)
 
-    def add_quant(self, name: str, rows: int, cols: int, group_size: int, bits: int, scale_dtype: str,
-                  std: float = 0.1) -> None:
+    def add_quant(
+        self, name: str, rows: int, cols: int, group_size: int, bits: int, scale_dtype: str, std: float = 0.1
+    ) -> None:
         """Store a random `[rows, cols]` matrix quantized by `WeightWriter.add_quantized`."""
         m = cast_weights(self.rng.standard_normal((rows, cols)) * std, scale_dtype)
         self._quants[name] = (m, group_size, bits, scale_dtype)
@@ -139,10 +140,10 @@ class Rig:
         elements are untouched."""
         raw = self.be.download(buf, dtype=np.uint32)
         fill = U32_FILL if dtype == np.uint32 else NAN_BITS
-        outside = np.concatenate([raw[:lead], raw[lead + n:]])
+        outside = np.concatenate([raw[:lead], raw[lead + n :]])
         bad = np.flatnonzero(outside != fill)
         assert bad.size == 0, f"op wrote outside its range: {bad.size} elements, first at {bad[0]}"
-        return raw[lead:lead + n].view(dtype).copy()
+        return raw[lead : lead + n].view(dtype).copy()
 
     def check(self, op_name: str, buf, ref, tol: float, what: str = "", lead: int = 0) -> float:
         """Relative error of output `buf` against `ref`; NaNs fail."""
@@ -158,8 +159,9 @@ class Rig:
         g8 = got.view(np.uint8).reshape(expected.size, -1)
         e8 = expected.view(np.uint8).reshape(expected.size, -1)
         diff = np.flatnonzero((g8 != e8).any(axis=1))
-        assert diff.size == 0, (f"{what}: {diff.size} elements differ, first at {diff[0]}: "
-                                f"{got[diff[0]]} != {expected[diff[0]]}")
+        assert diff.size == 0, (
+            f"{what}: {diff.size} elements differ, first at {diff[0]}: {got[diff[0]]} != {expected[diff[0]]}"
+        )
 
 
 def check_close(op_name: str, got, ref, tol: float, what: str = "") -> float:
@@ -167,15 +169,28 @@ def check_close(op_name: str, got, ref, tol: float, what: str = "") -> float:
     ref = np.asarray(ref, dtype=np.float64).ravel()
     assert got.shape == ref.shape
     nonfinite = np.flatnonzero(~np.isfinite(got))
-    assert nonfinite.size == 0, f"{op_name} {what}: {nonfinite.size} non-finite outputs, first at {nonfinite[0]}"
+    assert nonfinite.size == 0, (
+        f"{op_name} {what}: {nonfinite.size} non-finite outputs, first at {nonfinite[0]}"
+    )
     err = R.rel_err(got, ref)
     MAX_ERR[op_name] = max(MAX_ERR.get(op_name, 0.0), err)
-    assert err < tol, f"{op_name} {what}: relative error {err:.3e} >= {tol:.1e} (max abs diff {np.abs(got - ref).max():.3e})"
+    assert err < tol, (
+        f"{op_name} {what}: relative error {err:.3e} >= {tol:.1e} (max abs diff {np.abs(got - ref).max():.3e})"
+    )
     return err
 
 
-def build_expert_blob(rng, n_blocks: int, stride: int, hidden: int, inter: int, bits: int, group_size: int,
-                      scale_dtype: str, std: float = 0.1):
+def build_expert_blob(
+    rng,
+    n_blocks: int,
+    stride: int,
+    hidden: int,
+    inter: int,
+    bits: int,
+    group_size: int,
+    scale_dtype: str,
+    std: float = 0.1,
+):
     """A uint8 buffer of `n_blocks` expert blocks at `b * stride`, each quantized with
     `moeflux.quantize` and laid out with `ops.ExpertLayout(...).offsets()` (checked against the
     reference layout). Returns (blob, [(gate, up, down) dequantized float64 per block])."""
@@ -197,7 +212,7 @@ def build_expert_blob(rng, n_blocks: int, stride: int, hidden: int, inter: int, 
             w_off, s_off, b_off = mine[part]
             for off, arr in ((w_off, wq), (s_off, s), (b_off, bi)):
                 raw = np.ascontiguousarray(arr).view(np.uint8).ravel()
-                blob[base + off:base + off + raw.size] = raw
+                blob[base + off : base + off + raw.size] = raw
             assert np.asarray(wq).dtype == np.uint32
             assert np.asarray(s).dtype == m.dtype, (np.asarray(s).dtype, m.dtype)
         mats.append(R.expert_weights(blob, base, hidden, inter, bits, group_size, scale_dtype))

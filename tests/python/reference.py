@@ -54,16 +54,25 @@ def dequant(words, scales, biases, rows: int, cols: int, group_size: int, bits: 
     return s.repeat(group_size, axis=1) * q + b.repeat(group_size, axis=1)
 
 
-def dequant_bytes(blob: np.ndarray, w_off: int, s_off: int, b_off: int, bits: int, group_size: int,
-                  scale_dtype: str, rows: int, cols: int) -> np.ndarray:
+def dequant_bytes(
+    blob: np.ndarray,
+    w_off: int,
+    s_off: int,
+    b_off: int,
+    bits: int,
+    group_size: int,
+    scale_dtype: str,
+    rows: int,
+    cols: int,
+) -> np.ndarray:
     """Dequantize a `[rows, cols]` matrix whose parts sit at byte offsets of `blob` (uint8)."""
     blob = np.asarray(blob, dtype=np.uint8)
     nw = rows * cols * bits // 8
     ns = rows * (cols // group_size) * dtype_size(scale_dtype)
-    words = blob[w_off:w_off + nw].copy().view("<u4")
+    words = blob[w_off : w_off + nw].copy().view("<u4")
     assert words.size * 4 == nw, "packed words run past the blob"
-    scales = decode_floats(blob[s_off:s_off + ns], scale_dtype)
-    biases = decode_floats(blob[b_off:b_off + ns], scale_dtype)
+    scales = decode_floats(blob[s_off : s_off + ns], scale_dtype)
+    biases = decode_floats(blob[b_off : b_off + ns], scale_dtype)
     assert scales.size * dtype_size(scale_dtype) == ns and biases.size == scales.size
     return dequant(words, scales, biases, rows, cols, group_size, bits)
 
@@ -87,14 +96,17 @@ def expert_layout(hidden: int, inter: int, bits: int, group_size: int, scale_dty
     return out
 
 
-def expert_weights(blob: np.ndarray, base: int, hidden: int, inter: int, bits: int, group_size: int,
-                   scale_dtype: str) -> tuple:
+def expert_weights(
+    blob: np.ndarray, base: int, hidden: int, inter: int, bits: int, group_size: int, scale_dtype: str
+) -> tuple:
     """Dequantized (gate [I,H], up [I,H], down [H,I]) of the expert block at byte `base`."""
     lay = expert_layout(hidden, inter, bits, group_size, scale_dtype)
     mats = []
     for name, rows, cols in (("gate", inter, hidden), ("up", inter, hidden), ("down", hidden, inter)):
         w, s, b = lay[name]
-        mats.append(dequant_bytes(blob, base + w, base + s, base + b, bits, group_size, scale_dtype, rows, cols))
+        mats.append(
+            dequant_bytes(blob, base + w, base + s, base + b, bits, group_size, scale_dtype, rows, cols)
+        )
     return tuple(mats)
 
 
@@ -145,9 +157,9 @@ def rms_norm_qk(x, num_k_heads, key_dim, key_offset, per_token_total):
         return v / np.sqrt(np.sum(v * v, axis=-1, keepdims=True) + 1e-6)
 
     q = x[:, :n].reshape(-1, num_k_heads, key_dim)
-    k = x[:, key_offset:key_offset + n].reshape(-1, num_k_heads, key_dim)
+    k = x[:, key_offset : key_offset + n].reshape(-1, num_k_heads, key_dim)
     x[:, :n] = (l2(q) / np.sqrt(key_dim)).reshape(-1, n)
-    x[:, key_offset:key_offset + n] = l2(k).reshape(-1, n)
+    x[:, key_offset : key_offset + n] = l2(k).reshape(-1, n)
     return x
 
 
@@ -158,13 +170,20 @@ def rms_norm_per_head(x, w, num_heads, head_dim, eps):
     return y.reshape(-1, num_heads * head_dim)
 
 
-def rope(x, inv_freq, num_heads, head_dim, rotary_dim, start_pos):
-    """RopeNTokens (NeoX half split): x [T, H*hd]; channels >= rotary_dim pass through."""
+def rope(x, inv_freq, num_heads, head_dim, rotary_dim, start_pos, f32_angle=False):
+    """RopeNTokens (NeoX half split): x [T, H*hd]; channels >= rotary_dim pass through. The angle
+    is `pos * inv_freq` exactly, or with `f32_angle` rounded as the float32 product (what
+    transformers computes)."""
     x = _f64(x).reshape(-1, num_heads, head_dim)
     t = x.shape[0]
     half = rotary_dim // 2
-    pos = (start_pos + np.arange(t, dtype=np.float64))[:, None, None]
-    ang = pos * np.asarray(inv_freq, dtype=np.float64)[:half][None, None, :]
+    freq = np.asarray(inv_freq)[:half]
+    if f32_angle:
+        pos32 = np.float32(start_pos) + np.arange(t, dtype=np.float32)
+        ang = (pos32[:, None] * freq.astype(np.float32)[None, :]).astype(np.float64)[:, None, :]
+    else:
+        pos = (start_pos + np.arange(t, dtype=np.float64))[:, None, None]
+        ang = pos * freq.astype(np.float64)[None, None, :]
     c, s = np.cos(ang), np.sin(ang)
     a = x[:, :, :half].copy()
     b = x[:, :, half:rotary_dim].copy()
@@ -211,8 +230,8 @@ def sdpa_causal(q, k_cache, v_cache, num_heads, heads_per_kv, head_dim, kv_start
         n = kv_start + t + 1
         for h in range(num_heads):
             g = h // heads_per_kv
-            keys = kc[:n, g * head_dim:(g + 1) * head_dim]
-            vals = vc[:n, g * head_dim:(g + 1) * head_dim]
+            keys = kc[:n, g * head_dim : (g + 1) * head_dim]
+            vals = vc[:n, g * head_dim : (g + 1) * head_dim]
             p = softmax(keys @ q[t, h] * scale)
             out[t, h] = p @ vals
     return out.reshape(t_n, num_heads * head_dim)
@@ -226,8 +245,8 @@ def kv_append(k_cache, v_cache, k_src, v_src, kv_start):
     """KvCacheAppendNTokens on [rows, kv_dim] caches; returns new (k_cache, v_cache)."""
     kc, vc = _f64(k_cache), _f64(v_cache)
     t = np.asarray(k_src).shape[0]
-    kc[kv_start:kv_start + t] = k_src
-    vc[kv_start:kv_start + t] = v_src
+    kc[kv_start : kv_start + t] = k_src
+    vc[kv_start : kv_start + t] = v_src
     return kc, vc
 
 
@@ -274,7 +293,7 @@ def moe_batched(x, experts_by_slot: dict, expert_slots, buckets, token_idx, weig
         gate, up, down = experts_by_slot[slot]
         for j in range(buckets[b], buckets[b + 1]):
             tok = token_idx[j]
-            y, g, u, a = expert_mlp(x[tok:tok + 1], gate, up, down)
+            y, g, u, a = expert_mlp(x[tok : tok + 1], gate, up, down)
             rows["gate"][j], rows["up"][j], rows["act"][j], rows["out"][j] = g[0], u[0], a[0], y[0]
             out[tok] += weights[j] * y[0]
     stacked = {name: (np.stack(v) if total else np.zeros((0, 0))) for name, v in rows.items()}
@@ -292,7 +311,7 @@ def moe_gather(x, experts: list, indices, weights):
         for j in range(indices.shape[1]):
             e = int(indices[t, j])
             counts[e] += 1
-            y = expert_mlp(x[t:t + 1], *experts[e])[0]
+            y = expert_mlp(x[t : t + 1], *experts[e])[0]
             out[t] += weights[t, j] * y[0]
     return out, counts
 
@@ -312,7 +331,7 @@ def conv1d_step(x, state, w):
     t_n = x.shape[0]
     out = np.zeros_like(x)
     for t in range(t_n):
-        win = hist[t:t + 4]  # rows t..t+3, the last is token t
+        win = hist[t : t + 4]  # rows t..t+3, the last is token t
         out[t] = silu(np.sum(win.T * w, axis=1))
     return out, hist[-3:].copy()
 
@@ -339,9 +358,9 @@ def gated_delta_net(state, conv_out, g_decay, beta, num_v_heads, value_dim, k_he
     t_n = x.shape[0]
     out = np.zeros((t_n, nv, dv))
     for t in range(t_n):
-        q = x[t, :nk * dk].reshape(nk, dk)
-        k = x[t, nk * dk:2 * nk * dk].reshape(nk, dk)
-        v = x[t, 2 * nk * dk:].reshape(nv, dv)
+        q = x[t, : nk * dk].reshape(nk, dk)
+        k = x[t, nk * dk : 2 * nk * dk].reshape(nk, dk)
+        v = x[t, 2 * nk * dk :].reshape(nv, dv)
         for h in range(nv):
             kh = h // k_heads_per_v
             s[h] *= g[t, h]

@@ -51,19 +51,29 @@ def test_dequant_bytes_and_layout():
     rng = np.random.default_rng(1)
     m = rng.standard_normal((3, 64)).astype(np.float32)
     words, s, b = R.quantize_mlx(m, 32, 8)
-    blob = np.concatenate([np.zeros(8, np.uint8), words.view(np.uint8).ravel(),
-                           s.astype("<f4").view(np.uint8).ravel(), b.astype("<f4").view(np.uint8).ravel()])
+    blob = np.concatenate(
+        [
+            np.zeros(8, np.uint8),
+            words.view(np.uint8).ravel(),
+            s.astype("<f4").view(np.uint8).ravel(),
+            b.astype("<f4").view(np.uint8).ravel(),
+        ]
+    )
     nw = words.nbytes
     got = R.dequant_bytes(blob, 8, 8 + nw, 8 + nw + s.nbytes, 8, 32, "f32", 3, 64)
     assert np.array_equal(got, R.dequant(words, s, b, 3, 64, 32, 8))
 
 
 def test_norms_by_hand():
-    assert np.allclose(R.rms_norm([[3.0, 4.0]], [1.0, 2.0], 0.0), [[3 / math.sqrt(12.5), 8 / math.sqrt(12.5)]])
+    assert np.allclose(
+        R.rms_norm([[3.0, 4.0]], [1.0, 2.0], 0.0), [[3 / math.sqrt(12.5), 8 / math.sqrt(12.5)]]
+    )
     x = np.array([[3.0, 4.0, 9.0, 0.0, 8.0, 7.0]])
     y = R.rms_norm_qk(x, 1, 2, 3, 6)
     n = math.sqrt(25 + 1e-6)
-    assert np.allclose(y, [[3 / n / math.sqrt(2), 4 / n / math.sqrt(2), 9.0, 0.0 / n, 8.0 / math.sqrt(64 + 1e-6), 7.0]])
+    assert np.allclose(
+        y, [[3 / n / math.sqrt(2), 4 / n / math.sqrt(2), 9.0, 0.0 / n, 8.0 / math.sqrt(64 + 1e-6), 7.0]]
+    )
     assert y[0, 2] == 9.0 and y[0, 5] == 7.0
     ph = R.rms_norm_per_head([[1.0, 1.0, 2.0, 2.0]], [1.0, 3.0], 2, 2, 0.0)
     assert np.allclose(ph, [[1.0, 3.0, 1.0, 3.0]])
@@ -78,6 +88,10 @@ def test_rope_by_hand():
     assert np.allclose(y, [[0.0, 1.0, 5.0, 6.0, -3.0, 2.0, 7.0, 8.0]])
     # position 0 is the identity
     assert np.array_equal(R.rope(x, [0.3], 2, 4, 2, 0), x)
+    # the float32-product angle differs from the exact one only by the product's rounding
+    ang = float(np.float32(3.0) * np.float32(0.1))
+    y = R.rope(np.array([[1.0, 0.0]]), np.array([0.1], dtype=np.float32), 1, 2, 2, 3, f32_angle=True)
+    assert np.allclose(y, [[math.cos(ang), math.sin(ang)]], rtol=0, atol=1e-15)
     # rotary 4 pairs (0,2) and (1,3)
     y = R.rope(np.array([[1.0, 2.0, 0.0, 0.0]]), [math.pi, math.pi / 2], 1, 4, 4, 1)
     assert np.allclose(y, [[-1.0, 0.0, 0.0, 2.0]])
@@ -184,21 +198,23 @@ def test_gated_delta_net_matrix_form():
     out, s = R.gated_delta_net(s0, conv, g, beta, nv, dv, kpv, dk)
     ss = s0.copy()
     for t in range(t_n):
-        q = conv[t, :nk * dk].reshape(nk, dk)
-        k = conv[t, nk * dk:2 * nk * dk].reshape(nk, dk)
-        v = conv[t, 2 * nk * dk:].reshape(nv, dv)
+        q = conv[t, : nk * dk].reshape(nk, dk)
+        k = conv[t, nk * dk : 2 * nk * dk].reshape(nk, dk)
+        v = conv[t, 2 * nk * dk :].reshape(nv, dv)
         for h in range(nv):
             kk = k[h // kpv]
-            ss[h] = g[t, h] * (np.eye(dk) - beta[t, h] * np.outer(kk, kk)) @ ss[h] + beta[t, h] * np.outer(kk, v[h])
-            assert np.allclose(out[t, h * dv:(h + 1) * dv], ss[h].T @ q[h // kpv])
+            ss[h] = g[t, h] * (np.eye(dk) - beta[t, h] * np.outer(kk, kk)) @ ss[h] + beta[t, h] * np.outer(
+                kk, v[h]
+            )
+            assert np.allclose(out[t, h * dv : (h + 1) * dv], ss[h].T @ q[h // kpv])
     assert np.allclose(s, ss)
     # from a zero state one token gives o = (q . k) beta v
     o1, _ = R.gated_delta_net(np.zeros((nv, dk, dv)), conv[:1], g[:1], beta[:1], nv, dv, kpv, dk)
-    q = conv[0, :nk * dk].reshape(nk, dk)
-    k = conv[0, nk * dk:2 * nk * dk].reshape(nk, dk)
-    v = conv[0, 2 * nk * dk:].reshape(nv, dv)
+    q = conv[0, : nk * dk].reshape(nk, dk)
+    k = conv[0, nk * dk : 2 * nk * dk].reshape(nk, dk)
+    v = conv[0, 2 * nk * dk :].reshape(nv, dv)
     for h in range(nv):
-        assert np.allclose(o1[0, h * dv:(h + 1) * dv], (q[h // kpv] @ k[h // kpv]) * beta[0, h] * v[h])
+        assert np.allclose(o1[0, h * dv : (h + 1) * dv], (q[h // kpv] @ k[h // kpv]) * beta[0, h] * v[h])
 
 
 def test_embed_and_rel_err():

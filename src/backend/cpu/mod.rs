@@ -116,15 +116,33 @@ struct Io<'a> {
 
 impl<'a> Io<'a> {
     fn new(pool: &'a CpuBufferPool, op: &Op, ident: &'a str) -> Self {
-        let written = op.writes().iter().filter_map(|&raw| pool.physical_of(raw)).collect();
-        Io { pool, ident, written }
+        let written = op
+            .writes()
+            .iter()
+            .filter_map(|&raw| pool.physical_of(raw))
+            .collect();
+        Io {
+            pool,
+            ident,
+            written,
+        }
     }
 
-    fn range(&self, field: &'static str, bytes: &'a [u8], off: u64, len: usize) -> Result<&'a [u8]> {
+    fn range(
+        &self,
+        field: &'static str,
+        bytes: &'a [u8],
+        off: u64,
+        len: usize,
+    ) -> Result<&'a [u8]> {
         let start = usize::try_from(off).unwrap_or(usize::MAX);
-        bytes
-            .get(start..start.saturating_add(len))
-            .ok_or_else(|| Error::bad_data(self.ident, field, format!("{len} bytes at {off} exceed the buffer")))
+        bytes.get(start..start.saturating_add(len)).ok_or_else(|| {
+            Error::bad_data(
+                self.ident,
+                field,
+                format!("{len} bytes at {off} exceed the buffer"),
+            )
+        })
     }
 
     fn misaligned(&self, field: &'static str) -> Error {
@@ -136,7 +154,11 @@ impl<'a> Io<'a> {
         // mutable view of it is created (mutable views are taken after all inputs).
         let bytes = self.range(field, unsafe { self.pool.bytes(raw)? }, off, n * 4)?;
         let s = view::f32s(bytes).ok_or_else(|| self.misaligned(field))?;
-        if self.pool.physical_of(raw).is_some_and(|p| self.written.contains(&p)) {
+        if self
+            .pool
+            .physical_of(raw)
+            .is_some_and(|p| self.written.contains(&p))
+        {
             Ok(Cow::Owned(s.to_vec()))
         } else {
             Ok(Cow::Borrowed(s))
@@ -147,7 +169,11 @@ impl<'a> Io<'a> {
         // SAFETY: as in `f32_in`.
         let bytes = self.range(field, unsafe { self.pool.bytes(raw)? }, 0, n * 4)?;
         let s = view::u32s(bytes).ok_or_else(|| self.misaligned(field))?;
-        if self.pool.physical_of(raw).is_some_and(|p| self.written.contains(&p)) {
+        if self
+            .pool
+            .physical_of(raw)
+            .is_some_and(|p| self.written.contains(&p))
+        {
             Ok(Cow::Owned(s.to_vec()))
         } else {
             Ok(Cow::Borrowed(s))
@@ -168,9 +194,13 @@ impl<'a> Io<'a> {
         let start = usize::try_from(off).unwrap_or(usize::MAX);
         let end = start.saturating_add(n * 4);
         let len = bytes.len();
-        let bytes = bytes
-            .get_mut(start..end)
-            .ok_or_else(|| Error::bad_data(self.ident, field, format!("{} bytes at {off} exceed {len}", n * 4)))?;
+        let bytes = bytes.get_mut(start..end).ok_or_else(|| {
+            Error::bad_data(
+                self.ident,
+                field,
+                format!("{} bytes at {off} exceed {len}", n * 4),
+            )
+        })?;
         view::f32s_mut(bytes).ok_or_else(|| self.misaligned(field))
     }
 
@@ -179,9 +209,9 @@ impl<'a> Io<'a> {
         // SAFETY: as in `f32_out`.
         let bytes = unsafe { self.pool.bytes_mut(raw)? };
         let len = bytes.len();
-        let bytes = bytes
-            .get_mut(..n * 4)
-            .ok_or_else(|| Error::bad_data(self.ident, field, format!("{} bytes exceed {len}", n * 4)))?;
+        let bytes = bytes.get_mut(..n * 4).ok_or_else(|| {
+            Error::bad_data(self.ident, field, format!("{} bytes exceed {len}", n * 4))
+        })?;
         view::u32s_mut(bytes).ok_or_else(|| self.misaligned(field))
     }
 }
@@ -203,7 +233,8 @@ fn weight_vec<'w>(
     let bytes = wb
         .get(start..start + n as usize * dtype.size() as usize)
         .ok_or_else(|| Error::bad_data(ident, field, "weight range outside the weight file"))?;
-    FloatSlice::from_bytes(bytes, dtype).ok_or_else(|| Error::bad_data(ident, field, "misaligned weight vector"))
+    FloatSlice::from_bytes(bytes, dtype)
+        .ok_or_else(|| Error::bad_data(ident, field, "misaligned weight vector"))
 }
 
 /// A quantized matrix of the weight file.
@@ -219,8 +250,13 @@ fn weight_matrix<'w>(
         op: ident.to_string(),
         field,
     })?;
-    QuantMatrix::from_ref(wb, w, rows as usize, cols as usize)
-        .ok_or_else(|| Error::bad_data(ident, field, "quantized matrix outside the weight file or misaligned"))
+    QuantMatrix::from_ref(wb, w, rows as usize, cols as usize).ok_or_else(|| {
+        Error::bad_data(
+            ident,
+            field,
+            "quantized matrix outside the weight file or misaligned",
+        )
+    })
 }
 
 fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
@@ -229,14 +265,31 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
     let wb = be.weight_bytes();
     let u = |v: u32| v as usize;
     match op {
-        Op::RmsNormBf16NTokens { x, weight_off, out, dim, n_tokens, eps, weight_dtype, .. } => {
+        Op::RmsNormBf16NTokens {
+            x,
+            weight_off,
+            out,
+            dim,
+            n_tokens,
+            eps,
+            weight_dtype,
+            ..
+        } => {
             let n = u(*dim) * u(*n_tokens);
             let w = weight_vec(wb, &ident, "weight_off", *weight_off, *dim, *weight_dtype)?;
             let x = io.f32_in("x", x.raw(), 0, n)?;
             let out = io.f32_out("out", out.raw(), 0, n)?;
             norm::rms_norm(&x, w, out, u(*dim), u(*n_tokens), *eps);
         }
-        Op::RmsNormQkNTokens { x, num_k_heads, key_dim, key_offset_per_token, per_token_total, n_tokens, .. } => {
+        Op::RmsNormQkNTokens {
+            x,
+            num_k_heads,
+            key_dim,
+            key_offset_per_token,
+            per_token_total,
+            n_tokens,
+            ..
+        } => {
             let x = io.f32_out("x", x.raw(), 0, u(*per_token_total) * u(*n_tokens))?;
             norm::rms_norm_qk(
                 x,
@@ -247,24 +300,72 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
                 u(*n_tokens),
             );
         }
-        Op::RmsNormPerHeadNTokens { x, weight_off, num_heads, head_dim, n_tokens, eps, weight_dtype, .. } => {
-            let w = weight_vec(wb, &ident, "weight_off", *weight_off, *head_dim, *weight_dtype)?;
+        Op::RmsNormPerHeadNTokens {
+            x,
+            weight_off,
+            num_heads,
+            head_dim,
+            n_tokens,
+            eps,
+            weight_dtype,
+            ..
+        } => {
+            let w = weight_vec(
+                wb,
+                &ident,
+                "weight_off",
+                *weight_off,
+                *head_dim,
+                *weight_dtype,
+            )?;
             let x = io.f32_out("x", x.raw(), 0, u(*num_heads) * u(*head_dim) * u(*n_tokens))?;
             norm::rms_norm_per_head(x, w, u(*num_heads), u(*head_dim), u(*n_tokens), *eps);
         }
-        Op::RopeNTokens { x, inv_freq, n_tokens, num_heads, head_dim, rotary_dim, start_pos, .. } => {
+        Op::RopeNTokens {
+            x,
+            inv_freq,
+            n_tokens,
+            num_heads,
+            head_dim,
+            rotary_dim,
+            start_pos,
+            ..
+        } => {
             let f = io.f32_in("inv_freq", inv_freq.raw(), 0, u(*rotary_dim) / 2)?;
             let x = io.f32_out("x", x.raw(), 0, u(*n_tokens) * u(*num_heads) * u(*head_dim))?;
-            attn::rope(x, &f, u(*n_tokens), u(*num_heads), u(*head_dim), u(*rotary_dim), u(*start_pos));
+            attn::rope(
+                x,
+                &f,
+                u(*n_tokens),
+                u(*num_heads),
+                u(*head_dim),
+                u(*rotary_dim),
+                u(*start_pos),
+            );
         }
-        Op::SplitQGate { q_proj, q_out, gate_out, num_heads, head_dim, n_tokens, .. } => {
+        Op::SplitQGate {
+            q_proj,
+            q_out,
+            gate_out,
+            num_heads,
+            head_dim,
+            n_tokens,
+            ..
+        } => {
             let n = u(*n_tokens) * u(*num_heads) * u(*head_dim);
             let qp = io.f32_in("q_proj", q_proj.raw(), 0, 2 * n)?;
             let q = io.f32_out("q_out", q_out.raw(), 0, n)?;
             let g = io.f32_out("gate_out", gate_out.raw(), 0, n)?;
             attn::split_q_gate(&qp, q, g, u(*num_heads), u(*head_dim), u(*n_tokens));
         }
-        Op::ResidualAddNTokens { a, b, out, n_tokens, dim, .. } => {
+        Op::ResidualAddNTokens {
+            a,
+            b,
+            out,
+            n_tokens,
+            dim,
+            ..
+        } => {
             let n = u(*n_tokens) * u(*dim);
             let a = io.f32_in("a", a.raw(), 0, n)?;
             let b = io.f32_in("b", b.raw(), 0, n)?;
@@ -276,21 +377,53 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
             let bytes = unsafe { be.pool.bytes_mut(buf.raw())? };
             bytes[..*n_bytes as usize].fill(0);
         }
-        Op::MatvecNTokens { weight, input, input_off, output, output_off, in_dim, out_dim, n_tokens, .. } => {
+        Op::MatvecNTokens {
+            weight,
+            input,
+            input_off,
+            output,
+            output_off,
+            in_dim,
+            out_dim,
+            n_tokens,
+            ..
+        } => {
             let w = weight_matrix(wb, &ident, "weight", weight, *out_dim, *in_dim)?;
             let x = io.f32_in("input", input.raw(), *input_off, u(*in_dim) * u(*n_tokens))?;
-            let y = io.f32_out("output", output.raw(), *output_off, u(*out_dim) * u(*n_tokens))?;
+            let y = io.f32_out(
+                "output",
+                output.raw(),
+                *output_off,
+                u(*out_dim) * u(*n_tokens),
+            )?;
             matvec::matvec_n_tokens(&w, &x, y, u(*n_tokens));
         }
-        Op::SwigluFusedBatched { gate, up, out, total, .. } => {
+        Op::SwigluFusedBatched {
+            gate,
+            up,
+            out,
+            total,
+            ..
+        } => {
             let g = io.f32_in("gate", gate.raw(), 0, u(*total))?;
             let up = io.f32_in("up", up.raw(), 0, u(*total))?;
             let out = io.f32_out("out", out.raw(), 0, u(*total))?;
             moe::swiglu(&g, &up, out);
         }
         Op::SdpaCausalTiled {
-            q, k, v, attn_out, n_tokens, num_heads, heads_per_kv, head_dim, kv_dim, kv_start, kv_len_total,
-            softmax_scale, ..
+            q,
+            k,
+            v,
+            attn_out,
+            n_tokens,
+            num_heads,
+            heads_per_kv,
+            head_dim,
+            kv_dim,
+            kv_start,
+            kv_len_total,
+            softmax_scale,
+            ..
         } => {
             let n = u(*n_tokens) * u(*num_heads) * u(*head_dim);
             let q = io.f32_in("q", q.raw(), 0, n)?;
@@ -311,13 +444,28 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
                 *softmax_scale,
             );
         }
-        Op::SigmoidGateNTokens { x, gate, dim, n_tokens, .. } => {
+        Op::SigmoidGateNTokens {
+            x,
+            gate,
+            dim,
+            n_tokens,
+            ..
+        } => {
             let n = u(*dim) * u(*n_tokens);
             let g = io.f32_in("gate", gate.raw(), 0, n)?;
             let x = io.f32_out("x", x.raw(), 0, n)?;
             attn::sigmoid_gate(x, &g);
         }
-        Op::KvCacheAppendNTokens { k_src, v_src, k_cache, v_cache, kv_dim, n_tokens, kv_start, .. } => {
+        Op::KvCacheAppendNTokens {
+            k_src,
+            v_src,
+            k_cache,
+            v_cache,
+            kv_dim,
+            n_tokens,
+            kv_start,
+            ..
+        } => {
             let n = u(*n_tokens) * u(*kv_dim);
             let rows = (u(*kv_start) + u(*n_tokens)) * u(*kv_dim);
             let ks = io.f32_in("k_src", k_src.raw(), 0, n)?;
@@ -326,19 +474,46 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
             let vc = io.f32_out("v_cache", v_cache.raw(), 0, rows)?;
             attn::kv_append(&ks, &vs, kc, vc, u(*kv_dim), u(*n_tokens), u(*kv_start));
         }
-        Op::MoeSoftmaxTopK { logits, indices_out, weights_out, n_tokens, n_experts, k, .. } => {
+        Op::MoeSoftmaxTopK {
+            logits,
+            indices_out,
+            weights_out,
+            n_tokens,
+            n_experts,
+            k,
+            ..
+        } => {
             let l = io.f32_in("logits", logits.raw(), 0, u(*n_tokens) * u(*n_experts))?;
             let idx = io.u32_out("indices_out", indices_out.raw(), u(*n_tokens) * u(*k))?;
             let w = io.f32_out("weights_out", weights_out.raw(), 0, u(*n_tokens) * u(*k))?;
             moe::softmax_topk(&l, u(*n_tokens), u(*n_experts), u(*k), idx, w);
         }
-        Op::MoeNormalizeWeights { weights, n_tokens, k, .. } => {
+        Op::MoeNormalizeWeights {
+            weights,
+            n_tokens,
+            k,
+            ..
+        } => {
             let w = io.f32_out("weights", weights.raw(), 0, u(*n_tokens) * u(*k))?;
             moe::normalize_weights(w, u(*n_tokens), u(*k));
         }
         Op::MoeBatchedPermuteFuse {
-            expert_base, expert_stride, layout, expert_indices, expert_slots, bucket_input, bucket_gate,
-            bucket_up, bucket_act, bucket_out, bucket_token_idx, bucket_weights, out_sum, n_tokens, buckets, ..
+            expert_base,
+            expert_stride,
+            layout,
+            expert_indices,
+            expert_slots,
+            bucket_input,
+            bucket_gate,
+            bucket_up,
+            bucket_act,
+            bucket_out,
+            bucket_token_idx,
+            bucket_weights,
+            out_sum,
+            n_tokens,
+            buckets,
+            ..
         } => {
             let nb = expert_slots.len();
             let total = u(*buckets.last().unwrap_or(&0));
@@ -378,8 +553,22 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
             .map_err(|(field, msg)| Error::bad_data(&ident, field, msg))?;
         }
         Op::MoeGatherIdFuse {
-            expert_base, expert_stride, layout, indices, weights, mlp_in, out_sum, htpe, hids, gate_mid, up_mid,
-            down_mid, n_tokens, n_experts, k, ..
+            expert_base,
+            expert_stride,
+            layout,
+            indices,
+            weights,
+            mlp_in,
+            out_sum,
+            htpe,
+            hids,
+            gate_mid,
+            up_mid,
+            down_mid,
+            n_tokens,
+            n_experts,
+            k,
+            ..
         } => {
             let (h, i) = (u(layout.hidden_dim), u(layout.inter_dim));
             let nk = u(*n_tokens) * u(*k);
@@ -406,7 +595,16 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
             )
             .map_err(|(field, msg)| Error::bad_data(&ident, field, msg))?;
         }
-        Op::MoeCombineResidualNTokens { h_mid, moe_sum, shared_out, shared_gate, hidden_out, n_tokens, dim, .. } => {
+        Op::MoeCombineResidualNTokens {
+            h_mid,
+            moe_sum,
+            shared_out,
+            shared_gate,
+            hidden_out,
+            n_tokens,
+            dim,
+            ..
+        } => {
             let n = u(*n_tokens) * u(*dim);
             let hm = io.f32_in("h_mid", h_mid.raw(), 0, n)?;
             let ms = io.f32_in("moe_sum", moe_sum.raw(), 0, n)?;
@@ -415,21 +613,59 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
             let out = io.f32_out("hidden_out", hidden_out.raw(), 0, n)?;
             moe::combine_residual(&hm, &ms, &so, &sg, out, u(*n_tokens), u(*dim));
         }
-        Op::Conv1dStepNTokens { qkv_in, conv_state, weight_off, conv_out, conv_dim, n_tokens, weight_dtype, .. } => {
+        Op::Conv1dStepNTokens {
+            qkv_in,
+            conv_state,
+            weight_off,
+            conv_out,
+            conv_dim,
+            n_tokens,
+            weight_dtype,
+            ..
+        } => {
             let n = u(*n_tokens) * u(*conv_dim);
-            let w = weight_vec(wb, &ident, "weight_off", *weight_off, conv_dim * 4, *weight_dtype)?;
+            let w = weight_vec(
+                wb,
+                &ident,
+                "weight_off",
+                *weight_off,
+                conv_dim * 4,
+                *weight_dtype,
+            )?;
             let xin = io.f32_in("qkv_in", qkv_in.raw(), 0, n)?;
             let st = io.f32_out("conv_state", conv_state.raw(), 0, 3 * u(*conv_dim))?;
             let out = io.f32_out("conv_out", conv_out.raw(), 0, n)?;
             linear_attn::conv1d_step(&xin, st, w, out, u(*conv_dim), u(*n_tokens));
         }
         Op::ComputeDecayBetaNTokens {
-            alpha_in, beta_in, a_log_off, dt_bias_off, g_decay_out, beta_gate_out, num_v_heads, n_tokens,
-            weight_dtype, ..
+            alpha_in,
+            beta_in,
+            a_log_off,
+            dt_bias_off,
+            g_decay_out,
+            beta_gate_out,
+            num_v_heads,
+            n_tokens,
+            weight_dtype,
+            ..
         } => {
             let n = u(*n_tokens) * u(*num_v_heads);
-            let a_log = weight_vec(wb, &ident, "a_log_off", *a_log_off, *num_v_heads, *weight_dtype)?;
-            let dt = weight_vec(wb, &ident, "dt_bias_off", *dt_bias_off, *num_v_heads, *weight_dtype)?;
+            let a_log = weight_vec(
+                wb,
+                &ident,
+                "a_log_off",
+                *a_log_off,
+                *num_v_heads,
+                *weight_dtype,
+            )?;
+            let dt = weight_vec(
+                wb,
+                &ident,
+                "dt_bias_off",
+                *dt_bias_off,
+                *num_v_heads,
+                *weight_dtype,
+            )?;
             let a = io.f32_in("alpha_in", alpha_in.raw(), 0, n)?;
             let b = io.f32_in("beta_in", beta_in.raw(), 0, n)?;
             let g = io.f32_out("g_decay_out", g_decay_out.raw(), 0, n)?;
@@ -437,11 +673,29 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
             linear_attn::decay_beta(&a, &b, a_log, dt, g, bo, u(*num_v_heads), u(*n_tokens));
         }
         Op::GatedDeltaNetStepNTokens {
-            state, conv_out, g_decay, beta_gate, output, num_v_heads, value_dim, k_heads_per_v, key_dim, n_tokens,
+            state,
+            conv_out,
+            g_decay,
+            beta_gate,
+            output,
+            num_v_heads,
+            value_dim,
+            k_heads_per_v,
+            key_dim,
+            n_tokens,
             ..
         }
         | Op::GatedDeltaNetChunkwise {
-            state, conv_out, g_decay, beta_gate, output, num_v_heads, value_dim, k_heads_per_v, key_dim, n_tokens,
+            state,
+            conv_out,
+            g_decay,
+            beta_gate,
+            output,
+            num_v_heads,
+            value_dim,
+            k_heads_per_v,
+            key_dim,
+            n_tokens,
             ..
         } => {
             let (nv, dv, dk, t) = (u(*num_v_heads), u(*value_dim), u(*key_dim), u(*n_tokens));
@@ -465,25 +719,78 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
                     t,
                     u(*chunk_size),
                 ),
-                _ => linear_attn::delta_net_step(st, &cv, &g, &b, out, nv, dv, u(*k_heads_per_v), dk, t),
+                _ => linear_attn::delta_net_step(
+                    st,
+                    &cv,
+                    &g,
+                    &b,
+                    out,
+                    nv,
+                    dv,
+                    u(*k_heads_per_v),
+                    dk,
+                    t,
+                ),
             }
         }
         Op::GatedRmsNormNTokens {
-            values, z, weight_off, output, num_v_heads, value_dim, n_tokens, eps, weight_dtype, ..
+            values,
+            z,
+            weight_off,
+            output,
+            num_v_heads,
+            value_dim,
+            n_tokens,
+            eps,
+            weight_dtype,
+            ..
         } => {
             let n = u(*n_tokens) * u(*num_v_heads) * u(*value_dim);
-            let w = weight_vec(wb, &ident, "weight_off", *weight_off, *value_dim, *weight_dtype)?;
+            let w = weight_vec(
+                wb,
+                &ident,
+                "weight_off",
+                *weight_off,
+                *value_dim,
+                *weight_dtype,
+            )?;
             let v = io.f32_in("values", values.raw(), 0, n)?;
             let zz = io.f32_in("z", z.raw(), 0, n)?;
             let out = io.f32_out("output", output.raw(), 0, n)?;
-            norm::gated_rms_norm(&v, &zz, w, out, u(*num_v_heads), u(*value_dim), u(*n_tokens), *eps);
+            norm::gated_rms_norm(
+                &v,
+                &zz,
+                w,
+                out,
+                u(*num_v_heads),
+                u(*value_dim),
+                u(*n_tokens),
+                *eps,
+            );
         }
-        Op::EmbedGatherNTokens { token_ids, weight, hidden_out, hidden_dim, n_tokens, vocab, .. } => {
+        Op::EmbedGatherNTokens {
+            token_ids,
+            weight,
+            hidden_out,
+            hidden_dim,
+            n_tokens,
+            vocab,
+            ..
+        } => {
             let w = weight_matrix(wb, &ident, "weight", weight, *vocab, *hidden_dim)?;
             let ids = io.u32_in("token_ids", token_ids.raw(), u(*n_tokens))?;
-            let out = io.f32_out("hidden_out", hidden_out.raw(), 0, u(*n_tokens) * u(*hidden_dim))?;
+            let out = io.f32_out(
+                "hidden_out",
+                hidden_out.raw(),
+                0,
+                u(*n_tokens) * u(*hidden_dim),
+            )?;
             matvec::embed_gather(&w, &ids, out).map_err(|(t, id)| {
-                Error::bad_data(&ident, "token_ids", format!("token {t}: id {id} >= vocab {vocab}"))
+                Error::bad_data(
+                    &ident,
+                    "token_ids",
+                    format!("token {t}: id {id} >= vocab {vocab}"),
+                )
             })?;
         }
     }

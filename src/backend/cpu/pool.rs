@@ -9,7 +9,9 @@
 use super::super::{check_id, BufferPool, PoolInfo};
 use crate::error::{Error, Result};
 use crate::graph::{Buf, BufId, Graph, Role};
-use crate::plan::lifetime::{analyze_lifetimes, check_layout, greedy_color, peak_live_bytes, PlanReport};
+use crate::plan::lifetime::{
+    analyze_lifetimes, check_layout, check_layout_with, greedy_color, peak_live_bytes, PlanReport,
+};
 use std::alloc::Layout;
 use std::any::Any;
 use std::ptr::NonNull;
@@ -54,9 +56,11 @@ impl Physical {
             NonNull::new(align as *mut u8).expect("align is non-zero")
         } else {
             // SAFETY: non-zero size checked above.
-            NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or_else(|| Error::Alloc {
-                label: label.to_string(),
-                msg: format!("out of memory allocating {bytes} bytes"),
+            NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or_else(|| {
+                Error::Alloc {
+                    label: label.to_string(),
+                    msg: format!("out of memory allocating {bytes} bytes"),
+                }
             })?
         };
         Ok(Physical {
@@ -98,7 +102,14 @@ impl CpuBufferPool {
         Self::default()
     }
 
-    fn push(&mut self, phys: Physical, bytes: usize, role: Role, label: &str, persistent: bool) -> u32 {
+    fn push(
+        &mut self,
+        phys: Physical,
+        bytes: usize,
+        role: Role,
+        label: &str,
+        persistent: bool,
+    ) -> u32 {
         self.physicals.push(phys);
         self.slots.push(Slot {
             label: label.to_string(),
@@ -179,7 +190,10 @@ impl CpuBufferPool {
     pub(crate) unsafe fn bytes(&self, raw: u32) -> Result<&[u8]> {
         let slot = self.slot(raw, "read")?;
         let phys = &self.physicals[slot.physical];
-        Ok(std::slice::from_raw_parts(phys.ptr.as_ptr(), slot.bytes.min(phys.len)))
+        Ok(std::slice::from_raw_parts(
+            phys.ptr.as_ptr(),
+            slot.bytes.min(phys.len),
+        ))
     }
 
     /// Mutable bytes of the logical buffer `raw`.
@@ -196,7 +210,10 @@ impl CpuBufferPool {
                 what: "write".into(),
             });
         }
-        Ok(std::slice::from_raw_parts_mut(phys.ptr.as_ptr(), slot.bytes.min(phys.len)))
+        Ok(std::slice::from_raw_parts_mut(
+            phys.ptr.as_ptr(),
+            slot.bytes.min(phys.len),
+        ))
     }
 
     /// Bytes of the distinct owned (not borrowed) physical buffers behind `ids`.
@@ -242,7 +259,9 @@ impl PoolInfo for CpuBufferPool {
         self.slots.get(raw as usize).map(|s| s.label.as_str())
     }
     fn writable(&self, raw: u32) -> Option<bool> {
-        self.slots.get(raw as usize).map(|s| self.physicals[s.physical].writable)
+        self.slots
+            .get(raw as usize)
+            .map(|s| self.physicals[s.physical].writable)
     }
     fn persistent(&self, raw: u32) -> Option<bool> {
         self.slots.get(raw as usize).map(|s| s.persistent)
@@ -255,7 +274,13 @@ impl PoolInfo for CpuBufferPool {
 impl BufferPool for CpuBufferPool {
     type Handle = [u8];
 
-    fn alloc_role(&mut self, bytes: usize, role: Role, label: &str, persistent: bool) -> Result<u32> {
+    fn alloc_role(
+        &mut self,
+        bytes: usize,
+        role: Role,
+        label: &str,
+        persistent: bool,
+    ) -> Result<u32> {
         let phys = Physical::owned(bytes, DEFAULT_ALIGN, label)?;
         Ok(self.push(phys, bytes, role, label, persistent))
     }
@@ -291,7 +316,11 @@ impl BufferPool for CpuBufferPool {
         if end > slot.bytes {
             return Err(Error::SizeMismatch {
                 label: slot.label.clone(),
-                what: if offset == 0 { "upload" } else { "upload_at (offset + length)" },
+                what: if offset == 0 {
+                    "upload"
+                } else {
+                    "upload_at (offset + length)"
+                },
                 expected: slot.bytes,
                 actual: end,
             });
@@ -345,11 +374,20 @@ impl BufferPool for CpuBufferPool {
         };
         let sizes = |raw: u32| self.slots[raw as usize].bytes;
         let coloring = greedy_color(&lt, sizes, colorable);
-        let owned: Vec<bool> = self.slots.iter().map(|s| !self.physicals[s.physical].is_borrowed()).collect();
-        let logical: u64 = (0..n).filter(|&i| owned[i]).map(|i| self.slots[i].bytes as u64).sum();
+        let owned: Vec<bool> = self
+            .slots
+            .iter()
+            .map(|s| !self.physicals[s.physical].is_borrowed())
+            .collect();
+        let logical: u64 = (0..n)
+            .filter(|&i| owned[i])
+            .map(|i| self.slots[i].bytes as u64)
+            .sum();
         // Memory this plan cannot fold: the distinct physical buffers of owned ids it does not
         // colour (ids pinned by an earlier plan already share theirs).
-        let fixed = self.owned_physical_bytes((0..n).filter(|i| !coloring.bufid_to_color.contains_key(&(*i as u32))));
+        let fixed = self.owned_physical_bytes(
+            (0..n).filter(|i| !coloring.bufid_to_color.contains_key(&(*i as u32))),
+        );
         let peak = peak_live_bytes(&lt, &coloring, sizes);
         let mut report = PlanReport {
             logical_bytes: logical,
@@ -361,6 +399,18 @@ impl BufferPool for CpuBufferPool {
         if !alias {
             return Ok(report);
         }
+        // Prove the new layout safe before touching anything: ids pinned by an earlier plan keep
+        // their memory and must not conflict in this graph.
+        let colour_key = |c: u32| (1u64 << 32) + c as u64;
+        check_layout_with(
+            graph,
+            |raw| match coloring.bufid_to_color.get(&raw) {
+                Some(&c) => Some(colour_key(c)),
+                None => self.physical_of(raw).map(u64::from),
+            },
+            |raw| self.label_of(raw).unwrap_or("?").to_string(),
+        )
+        .map_err(Error::UnsafeAlias)?;
         let mut color_phys = Vec::with_capacity(coloring.color_bytes.len());
         for (c, &bytes) in coloring.color_bytes.iter().enumerate() {
             let phys = Physical::owned(bytes, DEFAULT_ALIGN, &format!("plan.color{c}"))?;
@@ -373,10 +423,7 @@ impl BufferPool for CpuBufferPool {
             s.pinned = true;
         }
         self.collect_garbage();
-        check_layout(graph, self).map_err(|msg| Error::Backend {
-            backend: "cpu".into(),
-            msg: format!("commit_plan produced an unsafe layout: {msg}"),
-        })?;
+        debug_assert!(check_layout(graph, self).is_ok());
         report.physical_bytes = self.owned_physical_bytes(0..n);
         report.aliased_buffers = coloring.bufid_to_color.len() as u64;
         report.colors = coloring.color_bytes.len() as u64;
@@ -401,9 +448,18 @@ mod tests {
         p.download(id, &mut head).unwrap();
         assert_eq!(&head[..8], &[7u8; 8]);
         assert_eq!(head[8], 0);
-        assert!(matches!(p.upload(id, &[0u8; 17]), Err(Error::SizeMismatch { .. })));
-        assert!(matches!(p.upload_at(id, 10, &[0u8; 7]), Err(Error::SizeMismatch { .. })));
-        assert!(matches!(p.download(id, &mut [0u8; 17]), Err(Error::SizeMismatch { .. })));
+        assert!(matches!(
+            p.upload(id, &[0u8; 17]),
+            Err(Error::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            p.upload_at(id, 10, &[0u8; 7]),
+            Err(Error::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            p.download(id, &mut [0u8; 17]),
+            Err(Error::SizeMismatch { .. })
+        ));
         p.upload_at(id, 12, &[9u8; 4]).unwrap();
     }
 
@@ -411,10 +467,16 @@ mod tests {
     fn bad_ids_and_roles_are_errors() {
         let mut p = CpuBufferPool::new();
         let bogus: BufId<ActBuf> = BufId::from_raw(3);
-        assert!(matches!(p.upload(bogus, &[0]), Err(Error::PoolBadId { id: 3, .. })));
+        assert!(matches!(
+            p.upload(bogus, &[0]),
+            Err(Error::PoolBadId { id: 3, .. })
+        ));
         let r: BufId<ResidualBuf> = p.alloc(4, "r", false).unwrap();
         let wrong: BufId<ActBuf> = BufId::from_raw(r.raw());
-        assert!(matches!(p.download(wrong, &mut [0u8; 4]), Err(Error::Role { .. })));
+        assert!(matches!(
+            p.download(wrong, &mut [0u8; 4]),
+            Err(Error::Role { .. })
+        ));
     }
 
     #[test]
@@ -422,8 +484,12 @@ mod tests {
         let mut p = CpuBufferPool::new();
         let id: BufId<ExpertBaseBuf> = p.alloc_aligned(4096, 2 << 20, "slot", true).unwrap();
         assert_eq!(p.address(id.raw()).unwrap() % (2 << 20), 0);
-        assert!(p.alloc_aligned::<ExpertBaseBuf>(64, 3, "bad", true).is_err());
-        assert!(p.alloc_aligned::<ExpertBaseBuf>(usize::MAX - 8, 64, "huge", true).is_err());
+        assert!(p
+            .alloc_aligned::<ExpertBaseBuf>(64, 3, "bad", true)
+            .is_err());
+        assert!(p
+            .alloc_aligned::<ExpertBaseBuf>(usize::MAX - 8, 64, "huge", true)
+            .is_err());
     }
 
     #[test]
@@ -443,8 +509,10 @@ mod tests {
         let mut p = CpuBufferPool::new();
         let mut data = vec![5u8; 32].into_boxed_slice();
         let ptr = data.as_mut_ptr();
-        let id: BufId<ExpertBaseBuf> =
-            unsafe { p.register_borrowed(ptr, 32, false, Box::new(data), "experts", true).unwrap() };
+        let id: BufId<ExpertBaseBuf> = unsafe {
+            p.register_borrowed(ptr, 32, false, Box::new(data), "experts", true)
+                .unwrap()
+        };
         assert_eq!(p.address(id.raw()).unwrap(), ptr as usize);
         assert!(p.upload(id, &[1]).is_err());
         let mut out = [0u8; 32];

@@ -326,11 +326,20 @@ pub fn encode_op<E: ComputeEncoder, B: Bindings<E>>(
             } else {
                 1
             };
-            enc.set_pipeline(if fold == 2 {
-                "attn_sdpa_f2"
-            } else {
-                "attn_sdpa_f1"
-            })?;
+            // Prefill: the tiled kernel (8 query rows per simdgroup); decode and short runs: one
+            // simd_sum per key, 8 simdgroups per query head.
+            let tiled = *n_tokens >= 8 && head_dim % 8 == 0;
+            let name = match (tiled, fold, *head_dim) {
+                (false, 1, _) => "attn_sdpa_f1",
+                (false, _, _) => "attn_sdpa_f2",
+                (true, 1, 0..=64) => "attn_sdpa_tile_f1_d64",
+                (true, 1, 65..=128) => "attn_sdpa_tile_f1_d128",
+                (true, 1, _) => "attn_sdpa_tile_f1_d256",
+                (true, _, 0..=64) => "attn_sdpa_tile_f2_d64",
+                (true, _, 65..=128) => "attn_sdpa_tile_f2_d128",
+                (true, _, _) => "attn_sdpa_tile_f2_d256",
+            };
+            enc.set_pipeline(name)?;
             enc.set_value(
                 0,
                 &SdpaParams {
@@ -348,7 +357,15 @@ pub fn encode_op<E: ComputeEncoder, B: Bindings<E>>(
             b.buffer(enc, 2, k.raw(), 0)?;
             b.buffer(enc, 3, v.raw(), 0)?;
             b.buffer(enc, 4, attn_out.raw(), 0)?;
-            enc.dispatch_threadgroups([num_heads / fold, *n_tokens, 1], [256, 1, 1])
+            if tiled {
+                let rows = 16 / fold;
+                enc.dispatch_threadgroups(
+                    [num_heads / fold, n_tokens.div_ceil(rows), 1],
+                    [64, 1, 1],
+                )
+            } else {
+                enc.dispatch_threadgroups([num_heads / fold, *n_tokens, 1], [256, 1, 1])
+            }
         }
         Op::SigmoidGateNTokens {
             x,
@@ -499,6 +516,8 @@ pub fn encode_op<E: ComputeEncoder, B: Bindings<E>>(
 
             let offs = layout.offsets();
             let (h, i) = (layout.hidden_dim, layout.inter_dim);
+            // One token (decode): the dedicated matvec per routed row, as for MatvecNTokens.
+            let mv = sw.matvec_m1 && *n_tokens == 1;
             let base = MoeGemmParams {
                 stride: *expert_stride,
                 rows: n_assign,
@@ -523,7 +542,7 @@ pub fn encode_op<E: ComputeEncoder, B: Bindings<E>>(
                 buckets: &NO_BUCKETS,
                 out: [gate_mid.raw(), up_mid.raw(), gate_mid.raw()],
             };
-            grouped_gemm(enc, b, layout, true, &gu, &gemm)?;
+            grouped_gemm(enc, b, layout, true, mv, &gu, &gemm)?;
             let down = MoeGemmParams {
                 off: part_offsets(&offs.down, None),
                 mode: MOE_MODE_GATHER_DOWN,
@@ -537,7 +556,7 @@ pub fn encode_op<E: ComputeEncoder, B: Bindings<E>>(
                 out: [down_mid.raw(); 3],
                 ..gemm
             };
-            grouped_gemm(enc, b, layout, false, &down, &dgemm)?;
+            grouped_gemm(enc, b, layout, false, mv, &down, &dgemm)?;
 
             let n = mul(*n_tokens, h)?;
             enc.set_pipeline("moe_gather_combine")?;
@@ -836,18 +855,27 @@ struct GroupedGemm<'a> {
     out: [u32; 3],
 }
 
+/// The grouped expert product of `p.rows` routed rows: the tiled GEMM (`moe_ggemm_*`), or with
+/// `matvec` the dedicated matvec per row (`moe_gmv_*`, for one token).
+#[allow(clippy::too_many_arguments)]
 fn grouped_gemm<E: ComputeEncoder, B: Bindings<E>>(
     enc: &mut E,
     b: &B,
     layout: &ExpertLayout,
     gu: bool,
+    matvec: bool,
     p: &MoeGemmParams,
     g: &GroupedGemm<'_>,
 ) -> Result<()> {
     if p.rows == 0 {
         return Ok(());
     }
-    let name = if gu { "moe_ggemm_gu" } else { "moe_ggemm_down" };
+    let name = match (matvec, gu) {
+        (false, true) => "moe_ggemm_gu",
+        (false, false) => "moe_ggemm_down",
+        (true, true) => "moe_gmv_gu",
+        (true, false) => "moe_gmv_down",
+    };
     enc.set_pipeline(quant(name, layout.bits, layout.scale_dtype)?)?;
     enc.set_value(0, p);
     b.buffer(enc, 1, g.experts, 0)?;
@@ -859,10 +887,14 @@ fn grouped_gemm<E: ComputeEncoder, B: Bindings<E>>(
     for (i, &o) in g.out.iter().enumerate() {
         b.buffer(enc, 6 + i as u32, o, 0)?;
     }
-    enc.dispatch_threadgroups(
-        [p.out_dim.div_ceil(32), p.rows.div_ceil(32), 1],
-        [128, 1, 1],
-    )
+    if matvec {
+        enc.dispatch_threadgroups([p.out_dim.div_ceil(16), p.rows, 1], [128, 1, 1])
+    } else {
+        enc.dispatch_threadgroups(
+            [p.out_dim.div_ceil(32), p.rows.div_ceil(32), 1],
+            [128, 1, 1],
+        )
+    }
 }
 
 /// The buffers of `MoeBatchedPermuteFuse`, by raw id.
@@ -899,6 +931,7 @@ fn moe_buckets<E: ComputeEncoder, B: Bindings<E>>(
     let offs = layout.offsets();
     if total > 0 {
         if sw.moe_gather && slots.len() <= MAX_GATHER_BUCKETS {
+            let mv = sw.matvec_m1 && n_tokens == 1;
             // Slots the expert buffer holds: the kernels skip rows routed past them.
             let size = b.size(io.experts).unwrap_or(0) as u64;
             let n_slots = if size >= offs.block_bytes && stride > 0 {
@@ -932,7 +965,7 @@ fn moe_buckets<E: ComputeEncoder, B: Bindings<E>>(
                 buckets,
                 out: [io.act, io.up, io.gate],
             };
-            grouped_gemm(enc, b, layout, true, &gu, &gemm)?;
+            grouped_gemm(enc, b, layout, true, mv, &gu, &gemm)?;
             let down = MoeGemmParams {
                 off: part_offsets(&offs.down, None),
                 mode: MOE_MODE_BUCKET_DOWN,
@@ -946,7 +979,7 @@ fn moe_buckets<E: ComputeEncoder, B: Bindings<E>>(
                 out: [io.out; 3],
                 ..gemm
             };
-            grouped_gemm(enc, b, layout, false, &down, &dgemm)?;
+            grouped_gemm(enc, b, layout, false, mv, &down, &dgemm)?;
         } else {
             // Per bucket: gather the inputs into bucket_out, then matvec/GEMM per expert block.
             enc.set_pipeline("moe_gather_rows")?;

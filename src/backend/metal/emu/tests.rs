@@ -587,6 +587,12 @@ fn case_sdpa(sw: Switches) -> BTreeSet<String> {
         (33, 2, 1, 16, 1, 40),
         (2, 8, 4, 256, 5, 8),
         (3, 3, 3, 40, 70, 80),
+        (8, 4, 2, 64, 0, 8),
+        (19, 4, 2, 128, 13, 40),
+        (16, 8, 4, 256, 3, 20),
+        (9, 2, 1, 40, 0, 9),
+        (24, 6, 3, 8, 100, 130),
+        (12, 4, 1, 96, 5, 17),
     ] {
         let kv = h / hpk * hd;
         let used = (start + t) as usize;
@@ -803,7 +809,8 @@ fn expert_blob(rng: &mut Rng, n_slots: usize, stride: usize, l: &ExpertLayout) -
 fn case_moe_gather_id(sw: Switches) -> BTreeSet<String> {
     let mut used = BTreeSet::new();
     let mut rng = Rng::new(6);
-    for &(t, e, k, h, i, bits, gs, sdt, pad) in &[
+    type GatherCase = (u32, u32, u32, u32, u32, u32, u32, WDtype, usize);
+    let mut cases: Vec<GatherCase> = vec![
         (
             1u32,
             4u32,
@@ -820,7 +827,14 @@ fn case_moe_gather_id(sw: Switches) -> BTreeSet<String> {
         (3, 5, 2, 128, 128, 4, 128, WDtype::F32, 1000),
         (13, 8, 2, 64, 32, 8, 32, WDtype::Bf16, 0),
         (20, 6, 3, 64, 96, 4, 32, WDtype::F16, 0),
-    ] {
+    ];
+    // One token: the per-row matvec path, for every bit width and scale type.
+    for bits in [4, 8] {
+        for sdt in DTYPES {
+            cases.push((1, 6, 4, 128, 64, bits, 64, sdt, 0));
+        }
+    }
+    for &(t, e, k, h, i, bits, gs, sdt, pad) in &cases {
         let layout = ExpertLayout {
             hidden_dim: h,
             inter_dim: i,
