@@ -149,6 +149,70 @@ class WeightFile:
     def __len__(self) -> int: ...
     def __contains__(self, name: object) -> bool: ...
 
+class ExpertStats(TypedDict):
+    acquires: int
+    lookups: int
+    hits: int
+    misses: int
+    prefetch_hits: int
+    demand_reads: int
+    prefetch_issued: int
+    prefetch_reads: int
+    prefetch_cancelled: int
+    prefetch_wasted: int
+    evictions: int
+    read_errors: int
+    bytes_read: int
+    io_busy_s: float
+    read_s: float
+    stall_s: float
+    hit_rate: float
+    gb_per_s: float
+
+class ExpertStore:
+    """A model's expert files behind a budgeted cache of ``slots`` experts in one 2 MiB-aligned
+    buffer registered in ``backend``; misses are read with parallel ``pread`` (direct I/O where
+    the filesystem allows)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        files: dict[int, _Path],
+        expert_stride: int,
+        num_experts: int,
+        slots: int,
+        *,
+        io_threads: int = 8,
+        policy: Literal["lfu", "lru"] = "lfu",
+        direct_io: bool = True,
+        drop_page_cache: bool = True,
+        read_chunk: int = 0,
+        label: str = "expert_slots",
+    ) -> None: ...
+    @property
+    def buffer(self) -> BufId: ...
+    @property
+    def slots(self) -> int: ...
+    @property
+    def stride(self) -> int: ...
+    @property
+    def direct_io(self) -> bool: ...
+    @property
+    def notes(self) -> list[str]: ...
+    @property
+    def layers(self) -> list[int]: ...
+    @property
+    def last_error(self) -> str | None: ...
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[int]: ...
+    def release(self, slots: Sequence[int]) -> None: ...
+    def prefetch(self, layer: int, experts: Sequence[int]) -> int: ...
+    def resident(self, layer: int, experts: Sequence[int]) -> list[bool]: ...
+    def cached(self) -> int: ...
+    def wait_idle(self) -> None: ...
+    def evict_all(self) -> int: ...
+    def stats(self) -> ExpertStats: ...
+    def reset_stats(self) -> None: ...
+
 class WeightWriter:
     """Writes a weight file atomically (files appear when the ``with`` block succeeds)."""
 

@@ -25,7 +25,28 @@ def _peak_rss_mib() -> float:
 def _open(args: argparse.Namespace):
     from .model import Model
 
-    return Model.open(args.model, backend=args.backend, chunk_size=args.chunk_size)
+    return Model.open(args.model, backend=args.backend, chunk_size=args.chunk_size, expert_io=args.expert_io,
+                      expert_cache_gb=args.expert_cache_gb)
+
+
+def _print_io(model, out=sys.stderr) -> None:
+    """One line on where expert bytes came from and what waiting for them cost."""
+    if model.expert_io == "none":
+        return
+    head = f"[moeflux] expert I/O: {model.expert_io} ({model.expert_io_reason})"
+    st = model.expert_stats()
+    if st is None:
+        print(f"{head}, {model.expert_bytes / 1e9:.2f} GB of experts mapped", file=out)
+        return
+    io = "direct I/O" if st["direct_io"] else "buffered reads"
+    print(
+        f"{head}, cache {st['cache_bytes'] / 1e9:.2f} GB of {st['expert_bytes'] / 1e9:.2f} GB = {st['slots']} "
+        f"slots, {io}; {st['lookups']} lookups, hit rate {100 * st['hit_rate']:.1f}% (prefetch hits "
+        f"{st['prefetch_hits']}, prefetched {st['prefetch_reads']}, wasted {st['prefetch_wasted']}), read "
+        f"{st['bytes_read'] / 1e6:.1f} MB ({st['read_mb_per_token']:.2f} MB/token) at {st['gb_per_s']:.2f} GB/s, "
+        f"stalled {st['stall_ms_per_token']:.2f} ms/token over {st['tokens']} tokens",
+        file=out,
+    )
 
 
 def _print_speed(model, out=sys.stderr) -> None:
@@ -74,11 +95,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = [int(t) for t in prompt.split()]
     _generate(model, prompt, args)
     _print_speed(model)
+    _print_io(model)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     model = _open(args)
+    model.reset_expert_stats()
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, model.config.vocab_size, size=args.prompt_tokens).tolist()
     prefill, decode = [], []
@@ -97,6 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"({args.prompt_tokens} tokens), decode {statistics.median(decode):.2f} tok/s "
         f"({args.gen_tokens} tokens), median of {args.runs} runs; peak RSS {_peak_rss_mib():.0f} MiB"
     )
+    _print_io(model)
     return 0
 
 
@@ -106,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     path = demo_model_dir()
     print(f"[moeflux] demo model: {describe_demo_model(path)}", file=sys.stderr)
-    model = Model.open(path, backend=args.backend)
+    model = Model.open(path, backend=args.backend, expert_io=args.expert_io, expert_cache_gb=args.expert_cache_gb)
     _print_plan(model)
     prompt = args.prompt or DEMO_PROMPT
     print(prompt, end="", flush=True)
@@ -133,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--backend", default="cpu")
         q.add_argument("--chunk-size", type=int, default=64)
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--expert-io", choices=("auto", "mmap", "pread"), default=None,
+                       help="how experts are read: mmap'd in place or streamed with pread into a cache "
+                            "(default: $MOEFLUX_EXPERT_IO, else auto: pread when they do not fit in RAM)")
+        q.add_argument("--expert-cache-gb", type=float, default=None,
+                       help="pread cache budget in GB (default: $MOEFLUX_EXPERT_CACHE_GB, else half the free RAM)")
 
     def sample_opts(q: argparse.ArgumentParser, max_tokens: int) -> None:
         q.add_argument("--max-tokens", type=int, default=max_tokens)

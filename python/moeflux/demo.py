@@ -14,7 +14,9 @@ from pathlib import Path
 
 __all__ = ["DEMO_PROMPT", "demo_model_dir", "describe_demo_model"]
 
-DEMO_PROMPT = "def fibonacci(n):\n    "
+#: Ends on a token boundary (after ``:``): byte-level BPE merges a newline with the indentation after it,
+#: so a prompt ending in ``"\n    "`` splits a token the model never saw split and derails it.
+DEMO_PROMPT = "class Point:\n    def __init__(self, x, y):"
 PACKAGED = Path(__file__).resolve().parent / "demo_model"
 
 
@@ -38,9 +40,12 @@ def describe_demo_model(path: Path) -> str:
     info = path / "demo_info.json"
     if info.is_file():
         d = json.loads(info.read_text())
+        params = d.get("params", "?")
+        if isinstance(params, (int, float)):
+            params = f"{params / 1e6:.1f} M"
         return (
-            f"{d.get('name', 'trained demo model')}, {d.get('params', '?')} parameters, "
-            f"{d.get('bits', '?')}-bit; held-out loss {d.get('heldout_loss_quantized', '?')} "
+            f"{d.get('name', 'trained demo model')}, {params} parameters, "
+            f"{d.get('bits', '?')}-bit; held-out loss {d.get('heldout_loss_quantized', '?')} nats/token "
             f"(unquantized {d.get('heldout_loss', '?')})"
         )
     return f"random-weight Qwen3-Next stand-in at {path} (no trained model packaged: output is noise)"

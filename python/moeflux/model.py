@@ -11,6 +11,15 @@ one graph per step; with ``MOEFLUX_MOE_GATHER=0`` each MoE layer ends a graph se
 the router's top-k back, builds expert buckets and runs ``MoeBatchedPermuteFuse``. Two GatedDeltaNet
 forms (env ``MOEFLUX_DELTA_NET=chunkwise|step``; default chunkwise for multi-token chunks and the
 per-token step for decode). All choices give the same tokens.
+
+Expert I/O (``expert_io=`` or env ``MOEFLUX_EXPERT_IO=mmap|pread|auto``, default ``auto``): ``mmap``
+maps every layer's expert file and the kernels read experts in place; ``pread`` streams experts from
+the files into a budgeted cache (``expert_cache_gb=`` or ``MOEFLUX_EXPERT_CACHE_GB``; a
+``moeflux.ExpertStore``) and runs the bucket path with the cache slots as expert blocks. ``auto`` picks
+``mmap`` when the experts plus the other weights fit in ``auto_ram_fraction`` (default 0.75, env
+``MOEFLUX_EXPERT_AUTO_RAM_FRACTION``) of the machine's RAM and no smaller cache budget was asked for,
+``pread`` otherwise. Buckets are ordered by top-k rank, then expert, so each token sums its experts in
+the same order as ``MoeGatherIdFuse``: every path gives bitwise the same logits.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from . import ops
+from . import _core, ops
 from ._core import Backend, MoefluxError, WeightFile
 from ._graph import Graph
 from .convert import ModelDir, as_model_dir
@@ -36,6 +45,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 F32 = 4
 STATE_MAGIC = b"MOEFLUXS"
 STATE_VERSION = 1
+EXPERT_IO_MODES = ("auto", "mmap", "pread")
+#: ``auto`` streams (pread) when experts + other weights exceed this fraction of RAM.
+AUTO_RAM_FRACTION = 0.75
+#: Default pread cache budget: this fraction of the RAM left after the non-expert weights.
+DEFAULT_CACHE_RAM_FRACTION = 0.5
+GB = 1e9
 
 
 class ModelError(MoefluxError, ValueError):
@@ -47,6 +62,24 @@ def _env_flag(name: str, default: bool) -> bool:
     if v is None or v == "":
         return default
     return v not in ("0", "false", "False", "no", "off")
+
+
+def _env_float(name: str) -> Optional[float]:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise ModelError(f"{name}={v!r} is not a number") from None
+
+
+def ram_bytes() -> int:
+    """Physical memory of this machine in bytes (0 when unknown)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 @dataclass
@@ -157,6 +190,12 @@ class Model:
         moe_gather: Optional[bool] = None,
         delta_net: Optional[str] = None,
         plan: bool = True,
+        expert_io: Optional[str] = None,
+        expert_cache_gb: Optional[float] = None,
+        auto_ram_fraction: Optional[float] = None,
+        io_threads: int = 8,
+        cache_policy: str = "lfu",
+        prefetch: bool = True,
     ):
         self.path = _resolve(path)
         # A moeflux directory opens as is; an MLX or Hugging Face checkpoint is re-packed once into
@@ -180,7 +219,11 @@ class Model:
         self.w = _Weights(WeightFile(weights))
         self._tokenizer = _load_tokenizer(self.path)
         self._experts: Dict[int, Any] = {}
-        self._open_experts()
+        self.store: Optional[_core.ExpertStore] = None
+        self.prefetch = bool(prefetch)
+        self._last_experts: Dict[int, List[int]] = {}
+        self._io_tokens = 0
+        self._open_experts(expert_io, expert_cache_gb, auto_ram_fraction, io_threads, cache_policy)
         self._alloc()
         self._steps: Dict[Tuple[int, str], _Step] = {}
         self.position = 0
@@ -198,15 +241,92 @@ class Model:
 
     # ------------------------------------------------------------------ setup
 
-    def _open_experts(self) -> None:
-        """Map each MoE layer's expert file read-only and register it zero-copy."""
+    def _open_experts(self, mode: Optional[str], cache_gb: Optional[float], ram_fraction: Optional[float],
+                      io_threads: int, policy: str) -> None:
+        """mmap: map each MoE layer's expert file read-only and register it zero-copy. pread: open
+        the files behind an ``ExpertStore`` whose slot buffer the MoE ops read."""
         self.layout = None
+        self.expert_io = "none"
+        self.expert_io_reason = "no MoE layers"
+        self.expert_bytes = 0
         if not self.config.moe_layers:
             return
         self.layout = ops.ExpertLayout(**self.dir.expert_layout)
         self.expert_stride = self.dir.expert_stride
-        for i, path in self.dir.expert_files.items():
-            self._experts[i] = self.backend.register_file(str(path), role="expert_base", label=f"L{i}.experts")
+        files = self.dir.expert_files
+        self.expert_bytes = self.expert_stride * self.config.num_experts * len(files)
+        mode = (mode or os.environ.get("MOEFLUX_EXPERT_IO") or "auto").lower()
+        if mode not in EXPERT_IO_MODES:
+            raise ModelError(f"expert_io must be one of {', '.join(EXPERT_IO_MODES)}, got {mode!r}")
+        if cache_gb is None:
+            cache_gb = _env_float("MOEFLUX_EXPERT_CACHE_GB")
+        if cache_gb is not None and cache_gb <= 0:
+            raise ModelError(f"expert_cache_gb must be positive, got {cache_gb}")
+        frac = ram_fraction if ram_fraction is not None else _env_float("MOEFLUX_EXPERT_AUTO_RAM_FRACTION")
+        frac = AUTO_RAM_FRACTION if frac is None else float(frac)
+        ram = ram_bytes()
+        weights = self.dir.weights_path.stat().st_size
+        need = self.expert_bytes + weights
+        if mode == "auto":
+            if cache_gb is not None and cache_gb * GB < self.expert_bytes:
+                mode, why = "pread", f"a {cache_gb:g} GB expert cache was asked for"
+            elif ram and need > frac * ram:
+                mode, why = "pread", f"experts + weights {need / GB:.2f} GB > {frac:g} x RAM {ram / GB:.1f} GB"
+            else:
+                mode, why = "mmap", f"experts + weights {need / GB:.2f} GB fit in {frac:g} x RAM {ram / GB:.1f} GB"
+            why = f"auto: {why}"
+        else:
+            why = "asked for"
+        self.expert_io, self.expert_io_reason = mode, why
+        if mode == "mmap":
+            for i, path in files.items():
+                self._experts[i] = self.backend.register_file(str(path), role="expert_base", label=f"L{i}.experts")
+            return
+        if cache_gb is not None:
+            budget = int(cache_gb * GB)
+        else:
+            budget = int(DEFAULT_CACHE_RAM_FRACTION * max(ram - weights, 0)) if ram else self.expert_bytes
+        slots = max(1, min(budget // self.expert_stride, self.config.num_experts * len(files)))
+        self.store = _core.ExpertStore(self.backend, {i: str(p) for i, p in files.items()}, self.expert_stride,
+                                 self.config.num_experts, slots, io_threads=io_threads, policy=policy,
+                                 label="experts.slots")
+        # Streaming needs the host to know which experts a layer uses: the bucket path.
+        self.moe_gather = False
+
+    def _expert_base(self, i: int) -> Any:
+        return self.store.buffer if self.store is not None else self._experts[i]
+
+    @property
+    def expert_cache_bytes(self) -> int:
+        """Bytes of the pread expert cache (0 in mmap mode)."""
+        return self.store.slots * self.store.stride if self.store is not None else 0
+
+    def expert_stats(self) -> Optional[Dict[str, Any]]:
+        """Expert I/O statistics of the pread cache since open or ``reset_expert_stats`` (None in
+        mmap mode): the ``ExpertStore.stats()`` counters plus ``tokens`` (run through the model),
+        ``stall_ms_per_token``, ``read_mb_per_token``, ``cache_bytes``, ``expert_bytes``, ``slots``,
+        ``direct_io``, ``policy`` and ``mode``."""
+        if self.store is None:
+            return None
+        st = dict(self.store.stats())
+        t = max(self._io_tokens, 1)
+        st.update(
+            tokens=self._io_tokens,
+            stall_ms_per_token=1e3 * st["stall_s"] / t,
+            read_mb_per_token=st["bytes_read"] / 1e6 / t,
+            cache_bytes=self.expert_cache_bytes,
+            expert_bytes=self.expert_bytes,
+            slots=self.store.slots,
+            direct_io=self.store.direct_io,
+            mode=self.expert_io,
+        )
+        return st
+
+    def reset_expert_stats(self) -> None:
+        """Zero the expert I/O counters (the cache keeps its contents)."""
+        if self.store is not None:
+            self.store.reset_stats()
+        self._io_tokens = 0
 
     def _alloc(self) -> None:
         cfg, be, C = self.config, self.backend, self.chunk_size
@@ -275,7 +395,8 @@ class Model:
                 t("up_mid", k * inter, "moe_scratch")
                 t("act_mid", k * inter, "moe_scratch")
                 t("down_mid", k * H, "moe_scratch")
-                s[f"L{i}.slots"] = buf(E * 4, "moe_index", f"L{i}.slots")
+                # Buckets are (rank, expert) pairs: at most min(C, E) * k of them.
+                s[f"L{i}.slots"] = buf(min(C, E) * k * 4, "moe_index", f"L{i}.slots")
                 t("tok_idx", k, "moe_index")
                 t("tok_w", k, "router_weight")
                 Is = cfg.shared_expert_intermediate_size
@@ -473,7 +594,7 @@ class Model:
                                                 shared_gate=L("sh_g"), hidden_out=self.res, n_tokens=n, dim=H,
                                                 label=f"L{i}.moe_combine")
         if self.moe_gather:
-            g.add(ops.MoeGatherIdFuse(expert_base=self._experts[i], expert_stride=self.expert_stride,
+            g.add(ops.MoeGatherIdFuse(expert_base=self._expert_base(i), expert_stride=self.expert_stride,
                                       layout=self.layout, indices=L("idx"), weights=L("rw"), mlp_in=L("normed2"),
                                       out_sum=L("moe_sum"), htpe=L("htpe"), hids=L("hids"),
                                       gate_mid=L("gate_mid"), up_mid=L("up_mid"), down_mid=L("down_mid"),
@@ -503,12 +624,18 @@ class Model:
         pos = self.position
         for graph, idx, fld, off in step.patches:
             graph.compile().set_u32(idx, fld, pos + off)
-        for seg in step.segments:
+        segs = step.segments
+        for si, seg in enumerate(segs):
             if isinstance(seg, Graph):
+                nxt = segs[si + 1] if si + 1 < len(segs) else None
+                if isinstance(nxt, _BucketMoe):
+                    nxt.prefetch()  # overlaps the reads with this segment's compute
                 self.backend.execute(seg, label=f"step{n}")
             else:
                 seg.run(pos)
         self.position += n
+        if self.store is not None:
+            self._io_tokens += n
         if head == "all":
             return self.backend.download(self.logits_all, shape=(n, self.config.vocab_size))
         return self.backend.download(self.logits_last, shape=(self.config.vocab_size,))
@@ -684,8 +811,15 @@ class Model:
 
 
 class _BucketMoe:
-    """Host step of the bucket MoE path: read the router's top-k back, bucket tokens by expert,
-    run ``MoeBatchedPermuteFuse`` on the buckets."""
+    """Host step of the bucket MoE path: read the router's top-k back, bucket the assignments by
+    (top-k rank, expert) and run ``MoeBatchedPermuteFuse`` on the buckets.
+
+    Rank-major buckets make every token sum its experts in top-k order, as ``MoeGatherIdFuse``
+    does, so the paths agree bitwise (each expert row is computed independently of its batch).
+    With an ``ExpertStore`` (pread mode) the experts of the chunk are acquired once each (read on
+    a miss) and the op reads them from the cache slots. When a chunk needs more distinct experts
+    than the cache holds, they are processed in batches that fit (cached ones first); the op then
+    only computes the expert outputs and the host sums them in the same order."""
 
     def __init__(self, model: Model, layer: int, n: int):
         self.m, self.i, self.n = model, layer, n
@@ -694,7 +828,7 @@ class _BucketMoe:
         m, i, n = self.m, self.i, self.n
         L = lambda name: m.scratch[f"L{i}.{name}"]  # noqa: E731
         return ops.MoeBatchedPermuteFuse(
-            expert_base=m._experts[i], expert_stride=m.expert_stride, layout=m.layout,
+            expert_base=m._expert_base(i), expert_stride=m.expert_stride, layout=m.layout,
             expert_indices=L("slots"), expert_slots=tuple(slots), bucket_input=L("normed2"),
             bucket_gate=L("gate_mid"), bucket_up=L("up_mid"), bucket_act=L("act_mid"),
             bucket_out=L("down_mid"), bucket_token_idx=L("tok_idx"), bucket_weights=L("tok_w"),
@@ -704,19 +838,75 @@ class _BucketMoe:
         """A representative op for the planner (same buffers as every real step)."""
         return [self._op([0], [0, 0])]
 
+    def prefetch(self) -> None:
+        """Decode: queue reads of this layer's experts of the previous token (likely again)."""
+        m = self.m
+        if m.store is None or not m.prefetch or self.n != 1:
+            return
+        prev = m._last_experts.get(self.i)
+        if prev:
+            m.store.prefetch(self.i, prev)
+
+    def _execute(self, assign: np.ndarray, idx: np.ndarray, wts: np.ndarray, slot_of: Dict[int, int]) -> None:
+        """Run the op on assignments ``assign`` (rank-major order), expert ``e`` at slot ``slot_of[e]``."""
+        m, i = self.m, self.i
+        k = m.config.num_experts_per_tok
+        e = idx[assign]
+        j = assign % k
+        new = np.ones(assign.size, dtype=bool)
+        new[1:] = (e[1:] != e[:-1]) | (j[1:] != j[:-1])
+        starts = np.flatnonzero(new)
+        slots = [slot_of[int(x)] for x in e[starts]]
+        offsets = starts.tolist() + [int(assign.size)]
+        be = m.backend
+        be.upload(m.scratch[f"L{i}.slots"], np.asarray(slots, dtype=np.uint32))
+        be.upload(m.scratch[f"L{i}.tok_idx"], (assign // k).astype(np.uint32))
+        be.upload(m.scratch[f"L{i}.tok_w"], wts[assign].astype(np.float32))
+        be.execute(Graph([self._op(slots, offsets)]), label=f"L{i}.moe_buckets")
+
     def run(self, pos: int) -> None:
         m, i, n = self.m, self.i, self.n
         k = m.config.num_experts_per_tok
         be = m.backend
         idx = be.download(m.scratch[f"L{i}.idx"], dtype=np.uint32, shape=(n * k,))
         wts = be.download(m.scratch[f"L{i}.rw"], dtype=np.float32, shape=(n * k,))
-        order = np.argsort(idx, kind="stable")
-        experts, counts = np.unique(idx[order], return_counts=True)
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
-        be.upload(m.scratch[f"L{i}.slots"], experts.astype(np.uint32))
-        be.upload(m.scratch[f"L{i}.tok_idx"], (order // k).astype(np.uint32))
-        be.upload(m.scratch[f"L{i}.tok_w"], wts[order].astype(np.float32))
-        be.execute(Graph([self._op(experts.tolist(), offsets.tolist())]), label=f"L{i}.moe_buckets")
+        a = np.arange(n * k)
+        order = np.lexsort((a, idx, a % k))  # by rank, then expert, then token
+        store = m.store
+        if store is None:
+            self._execute(order, idx, wts, {int(e): int(e) for e in np.unique(idx)})
+            return
+        distinct = [int(e) for e in np.unique(idx)]
+        m._last_experts[i] = distinct
+        if len(distinct) <= store.slots:
+            slots = store.acquire(i, distinct)
+            try:
+                self._execute(order, idx, wts, dict(zip(distinct, slots)))
+            finally:
+                store.release(slots)
+            return
+        # More experts than slots: batches of cached-first experts; y rows per assignment, then the
+        # exact sum of MoeBatchedPermuteFuse (0 + w*y over ranks in order, f32) on the host.
+        H = m.config.hidden_size
+        resident = store.resident(i, distinct)
+        ordered = [e for e, r in zip(distinct, resident) if r] + [e for e, r in zip(distinct, resident) if not r]
+        ys = np.empty((n * k, H), dtype=np.float32)
+        cap = store.slots
+        for b0 in range(0, len(ordered), cap):
+            batch = ordered[b0:b0 + cap]
+            sub = order[np.isin(idx[order], batch)]
+            slots = store.acquire(i, batch)
+            try:
+                self._execute(sub, idx, wts, dict(zip(batch, slots)))
+                ys[sub] = be.download(m.scratch[f"L{i}.down_mid"], shape=(sub.size, H))
+            finally:
+                store.release(slots)
+        w = wts.reshape(n, k)
+        yk = ys.reshape(n, k, H)
+        out = np.zeros((n, H), dtype=np.float32)
+        for j in range(k):
+            out += w[:, j:j + 1] * yk[:, j, :]
+        be.upload(m.scratch[f"L{i}.moe_sum"], out)
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:

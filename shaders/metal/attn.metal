@@ -1,6 +1,7 @@
 // attn.metal: the full-attention block: partial NeoX RoPE, the q/gate split, the KV-cache
-// append, element-wise residual add / sigmoid gate / zero fill, and causal GQA attention
-// (flash-style: an online softmax per simdgroup, partials merged through threadgroup memory).
+// append, element-wise residual add / sigmoid gate / zero fill, and causal GQA attention: a
+// flash-decoding kernel (online softmax per simdgroup, partials merged in threadgroup memory) for
+// few tokens and a tiled flash-attention kernel on simdgroup matrices for prefill.
 #include "common.h"
 
 // In place on x [n_tokens, num_heads, head_dim]: group (head, token) rotates the pairs

@@ -1,6 +1,7 @@
 // moe.metal: the MoE block: SwiGLU, router softmax + top-k, weight normalisation, the residual
 // combine, device-side routing (count, stable sort by expert), the grouped expert GEMM shared by
-// both routed-expert ops, and the deterministic scatter/combine of expert outputs.
+// both routed-expert ops (with a per-row matvec form for one token), and the deterministic
+// scatter/combine of expert outputs.
 #include "common.h"
 
 // out = silu(gate) * up over n elements.

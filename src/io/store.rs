@@ -87,7 +87,7 @@ impl StoreConfig {
 }
 
 /// Counters since open (or the last `reset_stats`). Invariants: `lookups = hits + misses`,
-/// `prefetch_hits <= hits`, and once idle without errors
+/// `prefetch_hits <= hits`, and once idle, without failed reads or acquires,
 /// `bytes_read = (demand_reads + prefetch_reads) * stride` with `demand_reads = misses`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct IoStats {
@@ -448,13 +448,10 @@ fn worker(sh: Arc<Shared>) {
                 st.stats.read_errors += 1;
                 let key = st.slots[s].key.unwrap_or((job.file, 0));
                 let msg = format!(
-                    "{}: reading {} bytes at offset {} (expert {}): {e}",
-                    file.path().display(),
-                    job.len,
-                    job.offset,
-                    key.1
+                    "expert {}: reading {} bytes at offset {}: {e}",
+                    key.1, job.len, job.offset
                 );
-                st.last_error = Some(msg.clone());
+                st.last_error = Some(format!("{}: {msg}", file.path().display()));
                 st.slots[s].error.get_or_insert(msg);
             }
         }
@@ -694,6 +691,30 @@ impl ExpertStore {
         }
         let sh = &*self.shared;
         let mut st = sh.lock();
+        // Refuse up front (changing nothing) when the misses cannot all get a slot.
+        let hit_slots: Vec<usize> = want
+            .iter()
+            .filter_map(|&e| st.map.get(&(file, e)).map(|&s| s as usize))
+            .collect();
+        let misses = want.len() - hit_slots.len();
+        let obtainable = st.free.len()
+            + (0..self.slots)
+                .filter(|&s| {
+                    let sl = &st.slots[s];
+                    let soon = sl.pins == 0 && sl.phase == Phase::Loading && sl.started;
+                    (st.entry(s).is_some() || soon) && !hit_slots.contains(&s)
+                })
+                .count();
+        if misses > obtainable {
+            return Err(Error::Alloc {
+                label: self.label.clone(),
+                msg: format!(
+                    "layer {layer}: {misses} experts to read but only {obtainable} of {} slots are not pinned \
+                     (release earlier acquires)",
+                    self.slots
+                ),
+            });
+        }
         let mut stalled = Duration::ZERO;
         st.stats.acquires += 1;
         let mut got: Vec<Option<usize>> = vec![None; want.len()];
@@ -776,9 +797,15 @@ impl ExpertStore {
                 io::Error::new(io::ErrorKind::Other, format!("layer {layer}: {}", failed.join("; "))),
             ));
         }
-        drop(st);
         let index: HashMap<u32, u32> = want.iter().copied().zip(slots.iter().map(|&s| s as u32)).collect();
-        Ok(experts.iter().map(|e| index[e]).collect())
+        let out: Vec<u32> = experts.iter().map(|e| index[e]).collect();
+        // One pin per returned entry, so that `release(&out)` balances.
+        for &s in &out[..] {
+            let s = s as usize;
+            st.update(s, |st| st.slots[s].pins += 1);
+        }
+        self.unpin(&mut st, &slots);
+        Ok(out)
     }
 
     fn unpin(&self, st: &mut State, slots: &[usize]) {

@@ -7,6 +7,8 @@ use super::errors::{catch, guard, Kind};
 use super::graph::{role_arg, weight_ref_to_py, PyBufId, PyCompiledGraph};
 use super::weights::PyWeightFile;
 use crate::backend::cpu::{CpuBackend, CpuConfig};
+#[cfg(feature = "metal-emu")]
+use crate::backend::metal::{MetalEmuBackend, MetalEmuConfig};
 use crate::backend::{Backend, BufferPool, PoolInfo};
 use crate::error::{Error, Result};
 use crate::graph::{AnyBuf, BufId};
@@ -25,6 +27,8 @@ use std::sync::Mutex;
 /// The backends compiled into this build.
 enum Imp {
     Cpu(CpuBackend),
+    #[cfg(feature = "metal-emu")]
+    MetalEmu(MetalEmuBackend),
 }
 
 /// `on!(imp, be => expr)`: evaluate `expr` with `be` bound to the concrete backend.
@@ -32,6 +36,8 @@ macro_rules! on {
     ($imp:expr, $be:ident => $body:expr) => {
         match $imp {
             Imp::Cpu($be) => $body,
+            #[cfg(feature = "metal-emu")]
+            Imp::MetalEmu($be) => $body,
         }
     };
 }
@@ -192,6 +198,16 @@ impl PyBackend {
                 "backend `metal` is not available in this build: it needs macOS on Apple Silicon and moeflux \
                  built with the `metal` cargo feature",
             )),
+            #[cfg(feature = "metal-emu")]
+            "metal-emu" => {
+                let cfg = MetalEmuConfig { weights: path, switches: None };
+                let be = py.allow_threads(|| catch(|| MetalEmuBackend::open(cfg)))?;
+                Ok(PyBackend {
+                    name: "metal-emu",
+                    inner: Mutex::new(Imp::MetalEmu(be)),
+                })
+            }
+            #[cfg(not(feature = "metal-emu"))]
             "metal-emu" => Err(Kind::Backend.err(
                 "backend `metal-emu` is not available in this build: it needs moeflux built with the `metal-emu` \
                  cargo feature",
@@ -284,10 +300,10 @@ impl PyBackend {
             }
             let owner: Box<dyn Any + Send + Sync> = Box::new(array.clone().unbind());
             let (ptr, len, writable) = (r.ptr as usize, r.nbytes, r.writable);
-            let raw = self.run(py, |imp| match imp {
+            let raw = self.run(py, |imp| on!(imp, be =>
                 // SAFETY: the array's data stays valid while `owner` (a reference to it) lives,
                 // and the pool keeps `owner` as long as any id uses the memory.
-                Imp::Cpu(be) => unsafe {
+                unsafe {
                     be.pool_mut().register_borrowed_role(
                         ptr as *mut u8,
                         len,
@@ -297,8 +313,8 @@ impl PyBackend {
                         &label,
                         persistent,
                     )
-                },
-            })?;
+                }
+            ))?;
             Ok(PyBufId {
                 raw,
                 role,
@@ -355,13 +371,11 @@ impl PyBackend {
                     .map_err(|e| Error::io(path.display(), e))?;
                 (map.as_ptr() as *mut u8, Box::new(map))
             };
-            let raw = match imp {
-                // SAFETY: the mapping lives in `owner`, kept by the pool; never written (read-only).
-                Imp::Cpu(be) => unsafe {
-                    be.pool_mut()
-                        .register_borrowed_role(ptr, len, false, owner, role, &label, true)?
-                },
-            };
+            // SAFETY: the mapping lives in `owner`, kept by the pool; never written (read-only).
+            let raw = on!(imp, be => unsafe {
+                be.pool_mut()
+                    .register_borrowed_role(ptr, len, false, owner, role, &label, true)?
+            });
             Ok((raw, len))
         })?;
         Ok(PyBufId {
@@ -410,19 +424,17 @@ impl PyBackend {
                 } else {
                     unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
                 };
-                match imp {
-                    Imp::Cpu(be) => {
-                        // A borrowed array uploaded into its own buffer: copy first, so the
-                        // source and destination slices never alias.
-                        let dst = be.pool().address(b.raw)? + off;
-                        if len > 0 && ptr < dst.saturating_add(len) && dst < ptr + len {
-                            let copy: Vec<u8> = src.to_owned();
-                            be.pool_mut().upload_at(id, off, &copy)
-                        } else {
-                            be.pool_mut().upload_at(id, off, src)
-                        }
+                on!(imp, be => {
+                    // A borrowed array uploaded into its own buffer: copy first, so the
+                    // source and destination slices never alias.
+                    let dst = be.pool().address(b.raw)? + off;
+                    if len > 0 && ptr < dst.saturating_add(len) && dst < ptr + len {
+                        let copy: Vec<u8> = src.to_owned();
+                        be.pool_mut().upload_at(id, off, &copy)
+                    } else {
+                        be.pool_mut().upload_at(id, off, src)
                     }
-                }
+                })
             })
         })
     }

@@ -24,7 +24,15 @@ ABS_TOL = 1e-3
 REL_TOL = 1e-4  # relative to the largest |logit|
 PROMPT_LEN = 37  # crosses several chunks of CHUNK
 CHUNK = 8
-BACKENDS = ["cpu"]
+# Every config on the CPU; the emulated Metal backend (slower) on two of them.
+EMU_CASES = ("next4", "qwen35")
+
+
+def _backend_or_skip(name: str) -> None:
+    try:
+        moeflux.Backend(name)
+    except moeflux.BackendError as e:
+        pytest.skip(f"backend {name!r} unavailable: {e}")
 
 CASES = {
     "next4": dict(kind="next", bits=4, group=64, kw={}),
@@ -68,9 +76,12 @@ def _close(got: np.ndarray, ref: np.ndarray) -> None:
     assert err < ABS_TOL and err / scale < REL_TOL, f"max abs err {err:.3g}, max |logit| {scale:.3g}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name,backend",
+    [(n, "cpu") for n in CASES] + [(n, "metal-emu") for n in EMU_CASES] + [(n, "metal") for n in EMU_CASES],
+)
 def test_logits_match_mlx_lm(models, name, backend, monkeypatch):
+    _backend_or_skip(backend)
     monkeypatch.setenv("MOEFLUX_CACHE", str(Path(models(name)[1]).parent / "cache"))
     mlx, mf = models(name)
     ids = _prompt()

@@ -17,7 +17,7 @@ from moeflux import ops
 import reference as R
 from opcases import MAX_ERR, Rig, build_expert_blob, check_close
 
-BACKENDS = ["cpu", "metal-emu"]
+BACKENDS = ["cpu", "metal-emu", "metal"]  # absent backends are skipped with the reason
 
 # Relative error bound ||out - ref|| / ||ref|| per op (float32 kernels against float64 math).
 # Anything looser than the 1e-5 default says why. Ops marked "exact" are compared bit for bit.

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::graph::validate::{op_ident, validate, validate_op};
 use crate::graph::{Buf, BufId, ConcreteBuf, Graph, Op, Role};
 use crate::plan::lifetime::{
-    analyze_lifetimes, check_layout, greedy_color, peak_live_bytes, PlanReport,
+    analyze_lifetimes, check_layout, check_layout_with, greedy_color, peak_live_bytes, PlanReport,
 };
 use crate::weights::file::WeightFile;
 use ::metal::{
@@ -31,8 +31,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// Page size of Apple Silicon: `newBufferWithBytesNoCopy` needs page-aligned memory.
-const PAGE: usize = 16 * 1024;
+extern "C" {
+    fn getpagesize() -> std::os::raw::c_int;
+}
+
+/// The VM page size (16 KB on Apple Silicon): `newBufferWithBytesNoCopy` needs page-aligned
+/// memory and lengths.
+fn page() -> usize {
+    // SAFETY: a libc call without arguments or side effects.
+    let p = unsafe { getpagesize() };
+    usize::try_from(p)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(16 * 1024)
+}
 
 fn metal_err(msg: impl Into<String>) -> Error {
     Error::Backend {
@@ -92,9 +104,10 @@ impl Physical {
     }
 
     fn aligned(device: &Device, bytes: usize, alignment: usize, label: &str) -> Result<Physical> {
-        let size = bytes.max(1).next_multiple_of(PAGE);
+        let pg = page();
+        let size = bytes.max(1).next_multiple_of(pg);
         let layout =
-            Layout::from_size_align(size, alignment.max(PAGE)).map_err(|e| Error::Alloc {
+            Layout::from_size_align(size, alignment.max(pg)).map_err(|e| Error::Alloc {
                 label: label.to_string(),
                 msg: format!("{bytes} bytes aligned to {alignment}: {e}"),
             })?;
@@ -121,7 +134,7 @@ impl Physical {
     }
 
     /// Wrap `[ptr, ptr + len)` without copying: the buffer covers the enclosing pages (mapped,
-    /// since they hold valid memory) and the data starts `ptr % PAGE` bytes in.
+    /// since they hold valid memory) and the data starts `ptr % page()` bytes in.
     ///
     /// # Safety
     /// As for [`MetalBufferPool::register_borrowed_role`].
@@ -133,8 +146,9 @@ impl Physical {
         owner: Box<dyn Any + Send + Sync>,
     ) -> Physical {
         let addr = ptr.as_ptr() as usize;
-        let start = addr / PAGE * PAGE;
-        let end = (addr + len.max(1)).next_multiple_of(PAGE);
+        let pg = page();
+        let start = addr / pg * pg;
+        let end = (addr + len.max(1)).next_multiple_of(pg);
         let buf = device.new_buffer_with_bytes_no_copy(
             start as *const std::ffi::c_void,
             (end - start) as u64,
@@ -327,6 +341,15 @@ impl MetalBufferPool {
         Ok(out)
     }
 
+    /// Bytes of the distinct owned physical buffers behind `ids`.
+    fn owned_physical_bytes(&self, ids: impl Iterator<Item = usize>) -> u64 {
+        let mut seen = std::collections::BTreeSet::new();
+        ids.map(|i| self.slots[i].physical)
+            .filter(|&p| !self.physicals[p].is_borrowed() && seen.insert(p))
+            .map(|p| self.physicals[p].len as u64)
+            .sum()
+    }
+
     fn collect_garbage(&mut self) {
         let mut used = vec![false; self.physicals.len()];
         for s in &self.slots {
@@ -488,39 +511,38 @@ impl BufferPool for MetalBufferPool {
         };
         let sizes = |raw: u32| self.slots[raw as usize].bytes;
         let coloring = greedy_color(&lt, sizes, colorable);
-        let owned: Vec<bool> = self
-            .slots
-            .iter()
-            .map(|s| !self.physicals[s.physical].is_borrowed())
-            .collect();
         let logical: u64 = (0..n)
-            .filter(|&i| owned[i])
+            .filter(|&i| !self.physicals[self.slots[i].physical].is_borrowed())
             .map(|i| self.slots[i].bytes as u64)
             .sum();
-        let colored: u64 = coloring
-            .bufid_to_color
-            .keys()
-            .map(|&r| sizes(r) as u64)
-            .sum();
+        // Memory this plan cannot fold: the distinct physical buffers of owned ids it does not
+        // colour (ids pinned by an earlier plan already share theirs).
+        let fixed = self.owned_physical_bytes(
+            (0..n).filter(|i| !coloring.bufid_to_color.contains_key(&(*i as u32))),
+        );
         let peak = peak_live_bytes(&lt, &coloring, sizes);
-        let physical_bytes = |pool: &Self| -> u64 {
-            let mut seen = std::collections::BTreeSet::new();
-            (0..n)
-                .filter(|&i| owned[i] && seen.insert(pool.slots[i].physical))
-                .map(|i| pool.physicals[pool.slots[i].physical].len as u64)
-                .sum()
-        };
         let mut report = PlanReport {
             logical_bytes: logical,
-            physical_bytes: logical,
-            lower_bound_bytes: logical - colored + peak,
+            physical_bytes: self.owned_physical_bytes(0..n),
+            lower_bound_bytes: fixed + peak,
             aliased_buffers: 0,
             colors: 0,
         };
         if !alias {
-            report.physical_bytes = physical_bytes(self);
             return Ok(report);
         }
+        // Prove the new layout safe before touching anything: ids pinned by an earlier plan keep
+        // their memory and must not conflict in this graph.
+        let colour_key = |c: u32| (1u64 << 32) + c as u64;
+        check_layout_with(
+            graph,
+            |raw| match coloring.bufid_to_color.get(&raw) {
+                Some(&c) => Some(colour_key(c)),
+                None => self.physical_of(raw).map(u64::from),
+            },
+            |raw| self.label_of(raw).unwrap_or("?").to_string(),
+        )
+        .map_err(Error::UnsafeAlias)?;
         let mut color_phys = Vec::with_capacity(coloring.color_bytes.len());
         for &bytes in &coloring.color_bytes {
             self.physicals.push(Physical::device(&self.device, bytes));
@@ -532,9 +554,8 @@ impl BufferPool for MetalBufferPool {
             s.pinned = true;
         }
         self.collect_garbage();
-        check_layout(graph, self)
-            .map_err(|msg| metal_err(format!("commit_plan produced an unsafe layout: {msg}")))?;
-        report.physical_bytes = physical_bytes(self);
+        debug_assert!(check_layout(graph, self).is_ok());
+        report.physical_bytes = self.owned_physical_bytes(0..n);
         report.aliased_buffers = coloring.bufid_to_color.len() as u64;
         report.colors = coloring.color_bytes.len() as u64;
         Ok(report)
@@ -753,8 +774,9 @@ pub struct MetalBackend {
     queue: CommandQueue,
     kernels: MetalKernels,
     pool: MetalBufferPool,
-    weights: Option<WeightFile>,
+    // Declared before `weights`, so the buffer is released before the mapping it wraps.
     weights_buf: Option<(Buffer, u64)>,
+    weights: Option<WeightFile>,
     stats: Stats,
     profile_per_op: bool,
     switches: Switches,
@@ -763,6 +785,42 @@ pub struct MetalBackend {
 }
 
 impl MetalBackend {
+    /// Open on the default device with an already opened weight file (or none); every pipeline
+    /// is built now, so shader errors surface here.
+    pub fn with_weights(weights: Option<WeightFile>, switches: Switches) -> Result<Self> {
+        let device = Device::system_default().ok_or_else(|| metal_err("no Metal device found"))?;
+        // The weight file is one mmap: wrap its pages as one buffer without copying.
+        let weights_buf = weights.as_ref().map(|w| {
+            let bytes = w.bytes();
+            let addr = bytes.as_ptr() as usize;
+            let pg = page();
+            let start = addr / pg * pg;
+            let end = (addr + bytes.len().max(1)).next_multiple_of(pg);
+            let buf = device.new_buffer_with_bytes_no_copy(
+                start as *const std::ffi::c_void,
+                (end - start) as u64,
+                MTLResourceOptions::StorageModeShared,
+                None,
+            );
+            (buf, (addr - start) as u64)
+        });
+        let kernels = MetalKernels::new(device.clone());
+        kernels.prefetch_all()?;
+        Ok(MetalBackend {
+            queue: device.new_command_queue(),
+            pool: MetalBufferPool::new(device.clone()),
+            device,
+            kernels,
+            weights_buf,
+            weights,
+            stats: Stats::default(),
+            profile_per_op: std::env::var_os("MOEFLUX_PROFILE_PER_OP").is_some_and(|v| v != "0"),
+            switches,
+            capture: CaptureWindow::from_env(),
+            capturing: false,
+        })
+    }
+
     /// The system's default Metal device.
     pub fn device(&self) -> &Device {
         &self.device
@@ -849,40 +907,11 @@ impl Backend for MetalBackend {
     type Config = MetalConfig;
 
     fn open(config: MetalConfig) -> Result<Self> {
-        let device = Device::system_default().ok_or_else(|| metal_err("no Metal device found"))?;
         let weights = match &config.weights {
             Some(p) => Some(WeightFile::open(p)?),
             None => None,
         };
-        // The weight file is one mmap: wrap its pages as one buffer without copying.
-        let weights_buf = weights.as_ref().map(|w| {
-            let bytes = w.bytes();
-            let addr = bytes.as_ptr() as usize;
-            let start = addr / PAGE * PAGE;
-            let end = (addr + bytes.len().max(1)).next_multiple_of(PAGE);
-            let buf = device.new_buffer_with_bytes_no_copy(
-                start as *const std::ffi::c_void,
-                (end - start) as u64,
-                MTLResourceOptions::StorageModeShared,
-                None,
-            );
-            (buf, (addr - start) as u64)
-        });
-        let kernels = MetalKernels::new(device.clone());
-        kernels.prefetch_all()?;
-        Ok(MetalBackend {
-            queue: device.new_command_queue(),
-            pool: MetalBufferPool::new(device.clone()),
-            device,
-            kernels,
-            weights,
-            weights_buf,
-            stats: Stats::default(),
-            profile_per_op: std::env::var_os("MOEFLUX_PROFILE_PER_OP").is_some_and(|v| v != "0"),
-            switches: config.switches.unwrap_or_else(Switches::from_env),
-            capture: CaptureWindow::from_env(),
-            capturing: false,
-        })
+        Self::with_weights(weights, config.switches.unwrap_or_else(Switches::from_env))
     }
     fn name(&self) -> &'static str {
         "metal"

@@ -300,6 +300,3 @@ impl Backend for MetalEmuBackend {
         res.map_err(|e| context(e, &format!("graph `{label}`")))
     }
 }
-
-#[cfg(test)]
-mod tests;

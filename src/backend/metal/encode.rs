@@ -17,10 +17,13 @@ use crate::graph::{ExpertLayout, Op, WeightRef};
 /// A switch is on unless its variable is `0`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Switches {
-    /// `MOEFLUX_MATVEC_M1_V3`: the dedicated matvec at one token; off forces the tiled GEMM.
+    /// `MOEFLUX_MATVEC_M1_V3`: the dedicated matvec at one token (`MatvecNTokens`, single-row
+    /// buckets, and the expert products of both MoE ops at one token); off forces the tiled
+    /// GEMM there too.
     pub matvec_m1: bool,
     /// `MOEFLUX_SDPA_GQA`: attention folds two query heads of one kv head into a threadgroup
-    /// when `heads_per_kv` is even; off: one head per threadgroup.
+    /// (sharing each K/V load) when `heads_per_kv` is even; off: one head per threadgroup. Applies
+    /// to both the decode and the tiled prefill kernel.
     pub sdpa_gqa: bool,
     /// `MOEFLUX_MOE_GATHER`: `MoeBatchedPermuteFuse` runs one grouped GEMM over all buckets;
     /// off: one matvec/GEMM per bucket.

@@ -20,3 +20,6 @@ pub use device::{
 };
 
 pub use encode::Switches;
+
+#[cfg(all(test, any(feature = "metal-emu", feature = "metal", target_os = "macos")))]
+mod tests;

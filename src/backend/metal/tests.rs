@@ -1,18 +1,20 @@
-//! Every op on the emulated Metal backend against the CPU backend, for every kernel switch, plus
-//! a coverage check that the cases dispatch every kernel of `shaders/metal/`.
+//! Every op on a Metal backend (the emulator; on a Mac also the GPU) against the CPU backend, for
+//! every kernel switch, plus checks that the cases dispatch every kernel of `shaders/metal/` and
+//! that each switch selects the kernels it documents.
 //!
 //! Both backends get the same allocations (so the same ids), the same weight file and inputs;
 //! outputs start as NaN so unwritten elements fail. Floats are compared by norm-wise relative
 //! error, integers exactly.
 
-use super::*;
+use super::encode::Switches;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::metal::kernels::KERNELS;
-use crate::backend::BufferPool;
-use crate::graph::{BufId, ExpertLayout, Role, WDtype, WeightRef};
-use crate::weights::file::WeightWriter;
+use crate::backend::{Backend, BufferPool};
+use crate::error::Result;
+use crate::graph::{BufId, ExpertLayout, Graph, Op, Role, WDtype, WeightRef};
+use crate::weights::file::{WeightFile, WeightWriter};
 use half::{bf16, f16};
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 struct Rng(u64);
@@ -118,15 +120,54 @@ impl Weights {
     }
 }
 
-/// A CPU and an emulated Metal backend on one weight file, allocated in lockstep.
-struct Rig {
+/// A Metal backend under test beside the CPU oracle.
+trait UnderTest: Backend + Sized {
+    /// `None` when this machine cannot run it (no Metal device).
+    fn make(weights: Option<WeightFile>, sw: Switches) -> Option<Self>;
+    /// Run one op; the kernels it dispatched, where the backend records them.
+    fn run_op(&self, op: &Op) -> Result<Vec<String>>;
+}
+
+#[cfg(feature = "metal-emu")]
+impl UnderTest for super::MetalEmuBackend {
+    fn make(weights: Option<WeightFile>, sw: Switches) -> Option<Self> {
+        Some(Self::with_weights(weights, sw))
+    }
+    fn run_op(&self, op: &Op) -> Result<Vec<String>> {
+        let mut ctx = self.begin_encoding();
+        self.encode_op(op, &mut ctx)?;
+        let used = ctx.dispatches().iter().map(|d| d.kernel.clone()).collect();
+        self.submit_and_wait(ctx, "test")?;
+        Ok(used)
+    }
+}
+
+#[cfg(any(target_os = "macos", feature = "metal"))]
+impl UnderTest for super::MetalBackend {
+    fn make(weights: Option<WeightFile>, sw: Switches) -> Option<Self> {
+        ::metal::Device::system_default()?;
+        Some(Self::with_weights(weights, sw).unwrap_or_else(|e| panic!("opening Metal: {e}")))
+    }
+    fn run_op(&self, op: &Op) -> Result<Vec<String>> {
+        self.execute(
+            &Graph {
+                ops: vec![op.clone()],
+            },
+            "test",
+        )?;
+        Ok(Vec::new())
+    }
+}
+
+/// A CPU and a Metal backend on one weight file, allocated in lockstep.
+struct Rig<B: UnderTest> {
     cpu: CpuBackend,
-    emu: MetalEmuBackend,
+    dev: B,
     dir: Option<PathBuf>,
     used: BTreeSet<String>,
 }
 
-impl Drop for Rig {
+impl<B: UnderTest> Drop for Rig<B> {
     fn drop(&mut self) {
         if let Some(d) = &self.dir {
             let _ = std::fs::remove_dir_all(d);
@@ -134,14 +175,14 @@ impl Drop for Rig {
     }
 }
 
-impl Rig {
-    fn open(w: Weights, sw: Switches) -> Rig {
+impl<B: UnderTest> Rig<B> {
+    fn open(w: Weights, sw: Switches) -> Rig<B> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let (wf_cpu, wf_emu, dir) = if w.tensors.is_empty() {
+        let (wf_cpu, wf_dev, dir) = if w.tensors.is_empty() {
             (None, None, None)
         } else {
             let dir = std::env::temp_dir().join(format!(
-                "moeflux-metal-emu-{}-{}",
+                "moeflux-metal-test-{}-{}",
                 std::process::id(),
                 N.fetch_add(1, Ordering::Relaxed)
             ));
@@ -162,7 +203,7 @@ impl Rig {
         };
         Rig {
             cpu: CpuBackend::with_weights(wf_cpu),
-            emu: MetalEmuBackend::with_weights(wf_emu, sw),
+            dev: B::make(wf_dev, sw).expect("the backend under test is unavailable here"),
             dir,
             used: BTreeSet::new(),
         }
@@ -190,14 +231,14 @@ impl Rig {
             .alloc_role(data.len(), role, "t", false)
             .unwrap();
         let b = self
-            .emu
+            .dev
             .pool_mut()
             .alloc_role(data.len(), role, "t", false)
             .unwrap();
         assert_eq!(a, b);
         let id: BufId<crate::graph::AnyBuf> = BufId::from_raw(a);
         self.cpu.pool_mut().upload(id, data).unwrap();
-        self.emu.pool_mut().upload(id, data).unwrap();
+        self.dev.pool_mut().upload(id, data).unwrap();
         a
     }
     fn f32s(&mut self, role: Role, v: &[f32]) -> u32 {
@@ -214,7 +255,7 @@ impl Rig {
         self.u32s(role, &vec![0xDEAD_BEEF; n + 1])
     }
 
-    /// Run `op` on both backends (the emulated one recording its kernels).
+    /// Run `op` on both backends (recording the kernels the Metal one dispatched).
     fn run(&mut self, op: Op) {
         let g = Graph {
             ops: vec![op.clone()],
@@ -222,21 +263,19 @@ impl Rig {
         self.cpu
             .execute(&g, "cpu")
             .unwrap_or_else(|e| panic!("cpu {}: {e}", op.name()));
-        let mut ctx = self.emu.begin_encoding();
-        self.emu
-            .encode_op(&op, &mut ctx)
-            .unwrap_or_else(|e| panic!("metal-emu {}: {e}", op.name()));
-        self.used
-            .extend(ctx.dispatches().iter().map(|d| d.kernel.clone()));
+        let used = self
+            .dev
+            .run_op(&op)
+            .unwrap_or_else(|e| panic!("{} {}: {e}", self.dev.name(), op.name()));
+        self.used.extend(used);
         self.used.insert(format!("op:{}", op.name()));
-        self.emu.submit_and_wait(ctx, "emu").unwrap();
     }
 
     fn fetch(&self, raw: u32, n: usize) -> (Vec<u8>, Vec<u8>) {
         let id: BufId<crate::graph::AnyBuf> = BufId::from_raw(raw);
         let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
         self.cpu.pool().download(id, &mut a).unwrap();
-        self.emu.pool().download(id, &mut b).unwrap();
+        self.dev.pool().download(id, &mut b).unwrap();
         (a, b)
     }
 
@@ -322,7 +361,7 @@ const TOL: f64 = 2e-5;
 
 // ---- cases: each builds rigs, runs ops on both backends, compares, and returns the kernels ----
 
-fn case_norms(sw: Switches) -> BTreeSet<String> {
+fn case_norms<B: UnderTest>(sw: Switches) -> BTreeSet<String> {
     let mut used = BTreeSet::new();
     let mut rng = Rng::new(1);
     for (i, &(t, d, eps)) in [
@@ -341,7 +380,7 @@ fn case_norms(sw: Switches) -> BTreeSet<String> {
             &(0..d).map(|_| rng.uniform(0.5, 1.5)).collect::<Vec<_>>(),
             dt,
         );
-        let mut r = Rig::open(w, sw);
+        let mut r = Rig::<B>::open(w, sw);
         let x = r.f32s(Role::Residual, &rng.normals((t * d) as usize, 2.0));
         let out = r.out(Role::Normed, (t * d) as usize);
         let weight_off = r.off("norm");
@@ -369,7 +408,7 @@ fn case_norms(sw: Switches) -> BTreeSet<String> {
             &(0..hd).map(|_| rng.uniform(0.5, 1.5)).collect::<Vec<_>>(),
             dt,
         );
-        let mut r = Rig::open(w, sw);
+        let mut r = Rig::<B>::open(w, sw);
         let n = (t * h * hd) as usize;
         let x = r.f32s(Role::Act, &[rng.normals(n, 3.0), vec![f32::NAN]].concat());
         let weight_off = r.off("qn");
@@ -392,7 +431,7 @@ fn case_norms(sw: Switches) -> BTreeSet<String> {
         (3, 2, 128, 256, 768),
         (4, 4, 32, 128, 320),
     ] {
-        let mut r = Rig::open(Weights::default(), sw);
+        let mut r = Rig::<B>::open(Weights::default(), sw);
         let n = (t * total) as usize;
         let x = r.f32s(Role::Act, &[rng.normals(n, 1.5), vec![f32::NAN]].concat());
         r.run(Op::RmsNormQkNTokens {
@@ -418,7 +457,7 @@ fn case_norms(sw: Switches) -> BTreeSet<String> {
             &(0..dv).map(|_| rng.uniform(0.5, 1.5)).collect::<Vec<_>>(),
             dt,
         );
-        let mut r = Rig::open(w, sw);
+        let mut r = Rig::<B>::open(w, sw);
         let n = (v * dv * t) as usize;
         let vals = r.f32s(Role::Act, &rng.normals(n, 2.0));
         let z = r.f32s(Role::Act, &rng.normals(n, 2.0));
@@ -442,9 +481,9 @@ fn case_norms(sw: Switches) -> BTreeSet<String> {
     used
 }
 
-fn case_attention_pieces(sw: Switches) -> BTreeSet<String> {
+fn case_attention_pieces<B: UnderTest>(sw: Switches) -> BTreeSet<String> {
     let mut rng = Rng::new(2);
-    let mut r = Rig::open(Weights::default(), sw);
+    let mut r = Rig::<B>::open(Weights::default(), sw);
     for &(t, h, hd, rd, start, theta) in &[
         (1u32, 2u32, 8u32, 8u32, 0u32, 1e4f64),
         (3, 4, 16, 8, 5, 1e4),
@@ -575,9 +614,9 @@ fn case_attention_pieces(sw: Switches) -> BTreeSet<String> {
     r.used.clone()
 }
 
-fn case_sdpa(sw: Switches) -> BTreeSet<String> {
+fn case_sdpa<B: UnderTest>(sw: Switches) -> BTreeSet<String> {
     let mut rng = Rng::new(3);
-    let mut r = Rig::open(Weights::default(), sw);
+    let mut r = Rig::<B>::open(Weights::default(), sw);
     for &(t, h, hpk, hd, start, cap) in &[
         (1u32, 2u32, 1u32, 8u32, 0u32, 1u32),
         (1, 4, 2, 16, 9, 16),
@@ -628,9 +667,9 @@ fn case_sdpa(sw: Switches) -> BTreeSet<String> {
     r.used.clone()
 }
 
-fn case_router(sw: Switches) -> BTreeSet<String> {
+fn case_router<B: UnderTest>(sw: Switches) -> BTreeSet<String> {
     let mut rng = Rng::new(4);
-    let mut r = Rig::open(Weights::default(), sw);
+    let mut r = Rig::<B>::open(Weights::default(), sw);
     for &(t, e, k, ties) in &[
         (1u32, 8u32, 1u32, false),
         (3, 16, 4, false),
@@ -683,7 +722,7 @@ fn case_router(sw: Switches) -> BTreeSet<String> {
     r.used.clone()
 }
 
-fn case_matvec(sw: Switches) -> BTreeSet<String> {
+fn case_matvec<B: UnderTest>(sw: Switches) -> BTreeSet<String> {
     let mut used = BTreeSet::new();
     let mut rng = Rng::new(5);
     let mut i = 0usize;
@@ -712,7 +751,7 @@ fn case_matvec(sw: Switches) -> BTreeSet<String> {
     for (bits, gs, t, sdt, n_in, n_out, ioff, ooff) in shapes {
         let mut w = Weights::default();
         w.quant(&mut rng, "p", n_out as usize, n_in as usize, bits, gs, sdt);
-        let mut r = Rig::open(w, sw);
+        let mut r = Rig::<B>::open(w, sw);
         let weight = r.qref("p", bits, gs, sdt);
         let lead_in = (ioff / 4) as usize;
         let x = r.f32s(
@@ -765,7 +804,7 @@ fn case_matvec(sw: Switches) -> BTreeSet<String> {
                     gs,
                     sdt,
                 );
-                let mut r = Rig::open(w, sw);
+                let mut r = Rig::<B>::open(w, sw);
                 let weight = r.qref("e", bits, gs, sdt);
                 let ids: Vec<u32> = (0..t)
                     .map(|j| if j == 0 { vocab - 1 } else { rng.below(vocab) })
@@ -806,7 +845,7 @@ fn expert_blob(rng: &mut Rng, n_slots: usize, stride: usize, l: &ExpertLayout) -
     blob
 }
 
-fn case_moe_gather_id(sw: Switches) -> BTreeSet<String> {
+fn case_moe_gather_id<B: UnderTest>(sw: Switches) -> BTreeSet<String> {
     let mut used = BTreeSet::new();
     let mut rng = Rng::new(6);
     type GatherCase = (u32, u32, u32, u32, u32, u32, u32, WDtype, usize);
@@ -844,7 +883,7 @@ fn case_moe_gather_id(sw: Switches) -> BTreeSet<String> {
         };
         let stride = layout.offsets().block_bytes as usize + pad;
         let blob = expert_blob(&mut rng, e as usize, stride, &layout);
-        let mut r = Rig::open(Weights::default(), sw);
+        let mut r = Rig::<B>::open(Weights::default(), sw);
         let eb = r.bytes(Role::ExpertBase, &blob);
         let mut idx = Vec::new();
         let mut wts = Vec::new();
@@ -901,7 +940,7 @@ fn case_moe_gather_id(sw: Switches) -> BTreeSet<String> {
     used
 }
 
-fn case_moe_buckets(sw: Switches) -> BTreeSet<String> {
+fn case_moe_buckets<B: UnderTest>(sw: Switches) -> BTreeSet<String> {
     let mut used = BTreeSet::new();
     let mut rng = Rng::new(7);
     for &(t, h, i, bits, gs, sdt, e, k, pool, unrouted) in &[
@@ -976,7 +1015,7 @@ fn case_moe_buckets(sw: Switches) -> BTreeSet<String> {
         }
         let total = tok.len();
         let blob = expert_blob(&mut rng, n_slots, stride, &layout);
-        let mut r = Rig::open(Weights::default(), sw);
+        let mut r = Rig::<B>::open(Weights::default(), sw);
         let eb = r.bytes(Role::ExpertBase, &blob);
         let sb = r.u32s(Role::MoeIndex, &slots);
         let xb = r.f32s(Role::Normed, &rng.normals((t * h) as usize, 1.0));
@@ -1016,7 +1055,7 @@ fn case_moe_buckets(sw: Switches) -> BTreeSet<String> {
     used
 }
 
-fn case_linear_attn(sw: Switches) -> BTreeSet<String> {
+fn case_linear_attn<B: UnderTest>(sw: Switches) -> BTreeSet<String> {
     let mut used = BTreeSet::new();
     let mut rng = Rng::new(8);
     for (n, &(c, t)) in [(8u32, 1u32), (33, 5), (64, 2), (24, 7)].iter().enumerate() {
@@ -1031,7 +1070,7 @@ fn case_linear_attn(sw: Switches) -> BTreeSet<String> {
             dt,
         );
         w.floats("dt", &rng.normals(c as usize, 0.5), dt);
-        let mut r = Rig::open(w, sw);
+        let mut r = Rig::<B>::open(w, sw);
         let x = r.f32s(Role::Act, &rng.normals((t * c) as usize, 1.0));
         let st = r.f32s(
             Role::ConvState,
@@ -1114,7 +1153,7 @@ fn case_linear_attn(sw: Switches) -> BTreeSet<String> {
             conv.extend(k);
             conv.extend(rng.normals((v * dv) as usize, 1.0));
         }
-        let mut r = Rig::open(Weights::default(), sw);
+        let mut r = Rig::<B>::open(Weights::default(), sw);
         let st = r.f32s(
             Role::DeltaState,
             &[rng.normals((v * dk * dv) as usize, 0.5), vec![f32::NAN]].concat(),
@@ -1176,76 +1215,318 @@ fn case_linear_attn(sw: Switches) -> BTreeSet<String> {
 }
 
 type Case = fn(Switches) -> BTreeSet<String>;
-const CASES: [(&str, Case); 8] = [
-    ("norms", case_norms),
-    ("attention pieces", case_attention_pieces),
-    ("sdpa", case_sdpa),
-    ("router", case_router),
-    ("matvec", case_matvec),
-    ("moe gather-id", case_moe_gather_id),
-    ("moe buckets", case_moe_buckets),
-    ("linear attention", case_linear_attn),
-];
 
-fn run_all(case: Case) {
-    for sw in alternatives() {
-        case(sw);
+/// Run `case` under every switch alternative; skipped (with a note) where `B` cannot run.
+fn run_all<B: UnderTest>(case: Case) -> BTreeSet<String> {
+    if B::make(None, Switches::default()).is_none() {
+        eprintln!("skipped: no Metal device on this machine");
+        return BTreeSet::new();
     }
+    alternatives().into_iter().flat_map(case).collect()
 }
 
-#[test]
-fn norms_match_cpu() {
-    run_all(case_norms);
-}
-#[test]
-fn attention_pieces_match_cpu() {
-    run_all(case_attention_pieces);
-}
-#[test]
-fn sdpa_matches_cpu() {
-    run_all(case_sdpa);
-}
-#[test]
-fn router_matches_cpu() {
-    run_all(case_router);
-}
-#[test]
-fn matvec_and_embed_match_cpu() {
-    run_all(case_matvec);
-}
-#[test]
-fn moe_gather_id_matches_cpu() {
-    run_all(case_moe_gather_id);
-}
-#[test]
-fn moe_buckets_match_cpu() {
-    run_all(case_moe_buckets);
-}
-#[test]
-fn linear_attention_matches_cpu() {
-    run_all(case_linear_attn);
+/// The op matrix as one test per case family, for backend `$b`.
+macro_rules! op_matrix {
+    ($b:ty) => {
+        #[test]
+        fn norms_match_cpu() {
+            run_all::<$b>(case_norms::<$b>);
+        }
+        #[test]
+        fn attention_pieces_match_cpu() {
+            run_all::<$b>(case_attention_pieces::<$b>);
+        }
+        #[test]
+        fn sdpa_matches_cpu() {
+            run_all::<$b>(case_sdpa::<$b>);
+        }
+        #[test]
+        fn router_matches_cpu() {
+            run_all::<$b>(case_router::<$b>);
+        }
+        #[test]
+        fn matvec_and_embed_match_cpu() {
+            run_all::<$b>(case_matvec::<$b>);
+        }
+        #[test]
+        fn moe_gather_id_matches_cpu() {
+            run_all::<$b>(case_moe_gather_id::<$b>);
+        }
+        #[test]
+        fn moe_buckets_match_cpu() {
+            run_all::<$b>(case_moe_buckets::<$b>);
+        }
+        #[test]
+        fn linear_attention_matches_cpu() {
+            run_all::<$b>(case_linear_attn::<$b>);
+        }
+    };
 }
 
-/// Every kernel of `shaders/metal/` runs in the cases above (under some switch setting), and
-/// every op has an encode arm that dispatches something.
-#[test]
-fn every_kernel_is_exercised() {
-    let mut used = BTreeSet::new();
-    for (_, case) in CASES {
-        for sw in alternatives() {
-            used.extend(case(sw));
+/// On the real GPU (macOS; elsewhere `--features metal` only type-checks it): the same cases
+/// against the CPU.
+#[cfg(any(target_os = "macos", feature = "metal"))]
+mod device {
+    use super::*;
+    op_matrix!(crate::backend::metal::MetalBackend);
+}
+
+/// On the emulator, plus the checks only its dispatch records allow.
+#[cfg(feature = "metal-emu")]
+mod emu {
+    use super::*;
+    use crate::backend::metal::kernels::KERNELS;
+    use crate::backend::metal::MetalEmuBackend;
+    type Emu = MetalEmuBackend;
+
+    op_matrix!(MetalEmuBackend);
+
+    fn cases<B: UnderTest>() -> [(&'static str, Case); 8] {
+        [
+            ("norms", case_norms::<B>),
+            ("attention pieces", case_attention_pieces::<B>),
+            ("sdpa", case_sdpa::<B>),
+            ("router", case_router::<B>),
+            ("matvec", case_matvec::<B>),
+            ("moe gather-id", case_moe_gather_id::<B>),
+            ("moe buckets", case_moe_buckets::<B>),
+            ("linear attention", case_linear_attn::<B>),
+        ]
+    }
+
+    /// Every kernel of `shaders/metal/` runs in the cases above (under some switch setting), and
+    /// every op has an encode arm that dispatches something.
+    #[test]
+    fn every_kernel_is_exercised() {
+        let mut used = BTreeSet::new();
+        for (_, case) in cases::<Emu>() {
+            used.extend(run_all::<Emu>(case));
+        }
+        let mut all: BTreeSet<String> = KERNELS.iter().map(|s| s.to_string()).collect();
+        all.extend(Op::schema().iter().map(|o| format!("op:{}", o.name)));
+        let missing: Vec<_> = all.difference(&used).collect();
+        assert!(
+            missing.is_empty(),
+            "kernels or ops no case runs: {missing:?}"
+        );
+        let unknown: Vec<_> = used.difference(&all).collect();
+        assert!(
+            unknown.is_empty(),
+            "dispatched kernels missing from KERNELS: {unknown:?}"
+        );
+    }
+
+    /// The kernels each switch setting dispatches, for one op.
+    fn kernels_for(op: &Op, sw: Switches, setup: impl FnOnce(&mut Rig<Emu>)) -> Vec<String> {
+        let mut r = Rig::<Emu>::open(Weights::default(), sw);
+        setup(&mut r);
+        let mut ctx = r.dev.begin_encoding();
+        r.dev.encode_op(op, &mut ctx).unwrap();
+        ctx.dispatches().iter().map(|d| d.kernel.clone()).collect()
+    }
+
+    #[test]
+    fn switches_select_the_documented_kernels() {
+        let d = Switches::default();
+        let delta = |chunk_size: u32, key_dim: u32| Op::GatedDeltaNetChunkwise {
+            label: "c".into(),
+            state: id(0),
+            conv_out: id(1),
+            g_decay: id(2),
+            beta_gate: id(3),
+            output: id(4),
+            num_v_heads: 2,
+            value_dim: 8,
+            k_heads_per_v: 1,
+            key_dim,
+            n_tokens: 5,
+            chunk_size,
+        };
+        let setup = |key_dim: u32| {
+            move |r: &mut Rig<Emu>| {
+                r.out(Role::DeltaState, (2 * key_dim * 8) as usize);
+                r.out(Role::Act, (5 * (4 * key_dim + 16)) as usize);
+                r.out(Role::Act, 10);
+                r.out(Role::Act, 10);
+                r.out(Role::Act, 80);
+            }
+        };
+        let vb_off = Switches {
+            delta_net_vb: false,
+            ..d
+        };
+        assert_eq!(
+            kernels_for(&delta(16, 16), d, setup(16)),
+            ["linear_attn_delta_seq"]
+        );
+        assert_eq!(
+            kernels_for(&delta(16, 16), vb_off, setup(16)),
+            ["linear_attn_delta_chunk"]
+        );
+        // A key dim the chunked tiles cannot take falls back to the sequential kernel.
+        assert_eq!(
+            kernels_for(&delta(16, 12), vb_off, setup(12)),
+            ["linear_attn_delta_seq"]
+        );
+
+        let sdpa = |n_tokens: u32, heads_per_kv: u32| Op::SdpaCausalTiled {
+            label: "a".into(),
+            q: id(0),
+            k: id(1),
+            v: id(2),
+            attn_out: id(3),
+            n_tokens,
+            num_heads: 4,
+            heads_per_kv,
+            head_dim: 64,
+            kv_dim: 4 / heads_per_kv * 64,
+            kv_start: 0,
+            kv_len_total: n_tokens,
+            softmax_scale: 0.125,
+        };
+        let sdpa_setup = |t: u32, hpk: u32| {
+            move |r: &mut Rig<Emu>| {
+                r.out(Role::Act, (t * 256) as usize);
+                r.out(Role::KvCacheK, (t * 256 / hpk) as usize);
+                r.out(Role::KvCacheV, (t * 256 / hpk) as usize);
+                r.out(Role::Act, (t * 256) as usize);
+            }
+        };
+        let gqa_off = Switches {
+            sdpa_gqa: false,
+            ..d
+        };
+        assert_eq!(
+            kernels_for(&sdpa(1, 2), d, sdpa_setup(1, 2)),
+            ["attn_sdpa_f2"]
+        );
+        assert_eq!(
+            kernels_for(&sdpa(1, 2), gqa_off, sdpa_setup(1, 2)),
+            ["attn_sdpa_f1"]
+        );
+        assert_eq!(
+            kernels_for(&sdpa(1, 1), d, sdpa_setup(1, 1)),
+            ["attn_sdpa_f1"]
+        );
+        assert_eq!(
+            kernels_for(&sdpa(9, 2), d, sdpa_setup(9, 2)),
+            ["attn_sdpa_tile_f2_d64"]
+        );
+        assert_eq!(
+            kernels_for(&sdpa(9, 2), gqa_off, sdpa_setup(9, 2)),
+            ["attn_sdpa_tile_f1_d64"]
+        );
+    }
+
+    #[test]
+    fn matvec_switch_and_bucket_paths_dispatch_as_documented() {
+        let mut rng = Rng::new(9);
+        let mut w = Weights::default();
+        w.quant(&mut rng, "p", 20, 64, 4, 64, WDtype::Bf16);
+        let mut r = Rig::<Emu>::open(w, Switches::default());
+        let weight = r.qref("p", 4, 64, WDtype::Bf16);
+        let x = r.f32s(Role::Act, &rng.normals(64 * 3, 1.0));
+        let y = r.out(Role::Act, 20 * 3);
+        let op = |t: u32| Op::MatvecNTokens {
+            label: "m".into(),
+            weight,
+            input: id(x),
+            input_off: 0,
+            output: id(y),
+            output_off: 0,
+            in_dim: 64,
+            out_dim: 20,
+            n_tokens: t,
+        };
+        for (t, m1, kernel, groups) in [
+            (1, true, "matvec_qmv_b4_bf16", [2, 1, 1]),
+            (1, false, "matvec_qmm_b4_bf16", [1, 1, 1]),
+            (3, true, "matvec_qmm_b4_bf16", [1, 1, 1]),
+        ] {
+            r.dev.set_switches(Switches {
+                matvec_m1: m1,
+                ..Switches::default()
+            });
+            let mut ctx = r.dev.begin_encoding();
+            r.dev.encode_op(&op(t), &mut ctx).unwrap();
+            let d = &ctx.dispatches()[0];
+            assert_eq!(
+                (d.kernel.as_str(), d.groups),
+                (kernel, groups),
+                "t{t} m1 {m1}"
+            );
+        }
+
+        // MoeBatchedPermuteFuse: two buckets (rows 0..2 and 2..3).
+        let layout = ExpertLayout {
+            hidden_dim: 64,
+            inter_dim: 32,
+            bits: 4,
+            group_size: 32,
+            scale_dtype: WDtype::Bf16,
+        };
+        let blob = expert_blob(&mut rng, 2, layout.offsets().block_bytes as usize, &layout);
+        let mut r = Rig::<Emu>::open(Weights::default(), Switches::default());
+        let eb = r.bytes(Role::ExpertBase, &blob);
+        let sb = r.u32s(Role::MoeIndex, &[1, 0]);
+        let xb = r.f32s(Role::Normed, &rng.normals(2 * 64, 1.0));
+        let tb = r.u32s(Role::MoeIndex, &[0, 1, 1]);
+        let wb = r.f32s(Role::RouterWeight, &[0.5, 0.25, 0.75]);
+        let scratch: Vec<u32> = [32, 32, 32, 64]
+            .iter()
+            .map(|&w| r.out(Role::MoeScratch, 3 * w))
+            .collect();
+        let sum = r.out(Role::MoeSum, 2 * 64);
+        let op = Op::MoeBatchedPermuteFuse {
+            label: "b".into(),
+            expert_base: id(eb),
+            expert_stride: layout.offsets().block_bytes,
+            layout,
+            expert_indices: id(sb),
+            expert_slots: vec![1, 0],
+            bucket_input: id(xb),
+            bucket_gate: id(scratch[0]),
+            bucket_up: id(scratch[1]),
+            bucket_act: id(scratch[2]),
+            bucket_out: id(scratch[3]),
+            bucket_token_idx: id(tb),
+            bucket_weights: id(wb),
+            out_sum: id(sum),
+            n_tokens: 2,
+            buckets: vec![0, 2, 3],
+        };
+        for (moe_gather, want) in [
+            (
+                true,
+                vec![
+                    "moe_ggemm_gu_b4_bf16",
+                    "moe_ggemm_down_b4_bf16",
+                    "moe_bucket_accumulate",
+                ],
+            ),
+            (
+                false,
+                vec![
+                    "moe_gather_rows",
+                    "matvec_qmm_b4_bf16",
+                    "matvec_qmm_b4_bf16",
+                    "matvec_qmv_b4_bf16",
+                    "matvec_qmv_b4_bf16",
+                    "moe_swiglu",
+                    "matvec_qmm_b4_bf16",
+                    "matvec_qmv_b4_bf16",
+                    "moe_bucket_accumulate",
+                ],
+            ),
+        ] {
+            r.dev.set_switches(Switches {
+                moe_gather,
+                ..Switches::default()
+            });
+            let mut ctx = r.dev.begin_encoding();
+            r.dev.encode_op(&op, &mut ctx).unwrap();
+            let got: Vec<&str> = ctx.dispatches().iter().map(|d| d.kernel.as_str()).collect();
+            assert_eq!(got, want, "moe_gather {moe_gather}");
         }
     }
-    let mut all: BTreeSet<String> = KERNELS.iter().map(|s| s.to_string()).collect();
-    all.extend(Op::schema().iter().map(|o| format!("op:{}", o.name)));
-    let missing: Vec<_> = all.difference(&used).collect();
-    assert!(
-        missing.is_empty(),
-        "kernels or ops no case runs: {missing:?}"
-    );
-    let unknown: Vec<_> = used.difference(&all).collect();
-    assert!(
-        unknown.is_empty(),
-        "dispatched kernels missing from KERNELS: {unknown:?}"
-    );
 }
