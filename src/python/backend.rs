@@ -7,6 +7,8 @@ use super::errors::{catch, guard, Kind};
 use super::graph::{role_arg, weight_ref_to_py, PyBufId, PyCompiledGraph};
 use super::weights::PyWeightFile;
 use crate::backend::cpu::{CpuBackend, CpuConfig};
+#[cfg(any(target_os = "macos", feature = "metal"))]
+use crate::backend::metal::{MetalBackend, MetalConfig};
 #[cfg(feature = "metal-emu")]
 use crate::backend::metal::{MetalEmuBackend, MetalEmuConfig};
 use crate::backend::{Backend, BufferPool, PoolInfo};
@@ -24,9 +26,23 @@ use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
+/// Names of the backends compiled into this build.
+fn available_backends() -> Vec<&'static str> {
+    let mut names = vec!["cpu"];
+    if cfg!(any(target_os = "macos", feature = "metal")) {
+        names.push("metal");
+    }
+    if cfg!(feature = "metal-emu") {
+        names.push("metal-emu");
+    }
+    names
+}
+
 /// The backends compiled into this build.
 enum Imp {
     Cpu(CpuBackend),
+    #[cfg(any(target_os = "macos", feature = "metal"))]
+    Metal(MetalBackend),
     #[cfg(feature = "metal-emu")]
     MetalEmu(MetalEmuBackend),
 }
@@ -36,6 +52,8 @@ macro_rules! on {
     ($imp:expr, $be:ident => $body:expr) => {
         match $imp {
             Imp::Cpu($be) => $body,
+            #[cfg(any(target_os = "macos", feature = "metal"))]
+            Imp::Metal($be) => $body,
             #[cfg(feature = "metal-emu")]
             Imp::MetalEmu($be) => $body,
         }
@@ -194,6 +212,16 @@ impl PyBackend {
                     inner: Mutex::new(Imp::Cpu(be)),
                 })
             }
+            #[cfg(any(target_os = "macos", feature = "metal"))]
+            "metal" => {
+                let cfg = MetalConfig { weights: path, switches: None };
+                let be = py.allow_threads(|| catch(|| MetalBackend::open(cfg)))?;
+                Ok(PyBackend {
+                    name: "metal",
+                    inner: Mutex::new(Imp::Metal(be)),
+                })
+            }
+            #[cfg(not(any(target_os = "macos", feature = "metal")))]
             "metal" => Err(Kind::Backend.err(
                 "backend `metal` is not available in this build: it needs macOS on Apple Silicon and moeflux \
                  built with the `metal` cargo feature",
@@ -212,7 +240,10 @@ impl PyBackend {
                 "backend `metal-emu` is not available in this build: it needs moeflux built with the `metal-emu` \
                  cargo feature",
             )),
-            other => Err(Kind::Backend.err(format!("unknown backend `{other}` (available in this build: cpu)"))),
+            other => Err(Kind::Backend.err(format!(
+                "unknown backend `{other}` (available in this build: {})",
+                available_backends().join(", ")
+            ))),
         }
     }
 
@@ -300,21 +331,23 @@ impl PyBackend {
             }
             let owner: Box<dyn Any + Send + Sync> = Box::new(array.clone().unbind());
             let (ptr, len, writable) = (r.ptr as usize, r.nbytes, r.writable);
-            let raw = self.run(py, |imp| on!(imp, be =>
-                // SAFETY: the array's data stays valid while `owner` (a reference to it) lives,
-                // and the pool keeps `owner` as long as any id uses the memory.
-                unsafe {
-                    be.pool_mut().register_borrowed_role(
-                        ptr as *mut u8,
-                        len,
-                        writable,
-                        owner,
-                        role,
-                        &label,
-                        persistent,
-                    )
-                }
-            ))?;
+            let raw = self.run(py, |imp| {
+                on!(imp, be =>
+                    // SAFETY: the array's data stays valid while `owner` (a reference to it) lives,
+                    // and the pool keeps `owner` as long as any id uses the memory.
+                    unsafe {
+                        be.pool_mut().register_borrowed_role(
+                            ptr as *mut u8,
+                            len,
+                            writable,
+                            owner,
+                            role,
+                            &label,
+                            persistent,
+                        )
+                    }
+                )
+            })?;
             Ok(PyBufId {
                 raw,
                 role,

@@ -21,5 +21,8 @@ pub use device::{
 
 pub use encode::Switches;
 
-#[cfg(all(test, any(feature = "metal-emu", feature = "metal", target_os = "macos")))]
+#[cfg(all(
+    test,
+    any(feature = "metal-emu", feature = "metal", target_os = "macos")
+))]
 mod tests;
