@@ -29,8 +29,9 @@ def _open(args: argparse.Namespace):
                       expert_cache_gb=args.expert_cache_gb)
 
 
-def _print_io(model, out=sys.stderr) -> None:
+def _print_io(model, out=None) -> None:
     """One line on where expert bytes came from and what waiting for them cost."""
+    out = out or sys.stderr
     if model.expert_io == "none":
         return
     head = f"[moeflux] expert I/O: {model.expert_io} ({model.expert_io_reason})"

@@ -229,8 +229,10 @@ def test_expert_store_api(models):
         st.acquire(layer, [0, 2])  # two slots pinned, one free
     st.release(slots)
     assert st.resident(layer, [5, 1, 0]) == [True, True, False]
-    assert st.prefetch(layer, [0, 2, 3]) == 1  # the free slot; cached entries are not evicted by it
+    # LRU: the free slot, then the two least recently used entries (older than this call).
+    assert st.prefetch(layer, [0, 2, 3]) == 3
     st.wait_idle()
+    assert st.resident(layer, [5, 1, 0, 2, 3]) == [False, False, True, True, True]
     s = st.stats()
     assert s["lookups"] == s["hits"] + s["misses"] == 2  # the refused acquire changed nothing
     assert s["bytes_read"] == (s["demand_reads"] + s["prefetch_reads"]) * stride
@@ -241,6 +243,7 @@ def test_expert_store_api(models):
     with pytest.raises(moeflux.SizeError):
         be.upload(st.buffer, np.zeros(4, np.uint8))  # read-only for everyone but the readers
     assert st.evict_all() == 3 and st.cached() == 0
+    assert s["prefetch_issued"] == s["prefetch_reads"] == 3
 
 
 def test_cli_prints_io_statistics(models, capsys):

@@ -1314,6 +1314,24 @@ mod emu {
             unknown.is_empty(),
             "dispatched kernels missing from KERNELS: {unknown:?}"
         );
+        // Every kernel compiled from shaders/metal/ is in the table, so none escapes the check above.
+        let compiled: Vec<&str> = crate::backend::metal_emu::EmuLibrary::get()
+            .kernels()
+            .iter()
+            .filter(|k| k.file.starts_with("shaders/metal/"))
+            .map(|k| k.name.as_str())
+            .collect();
+        assert!(
+            compiled.len() >= KERNELS.len(),
+            "{} compiled, {} in KERNELS",
+            compiled.len(),
+            KERNELS.len()
+        );
+        let untabled: Vec<_> = compiled.iter().filter(|k| !KERNELS.contains(k)).collect();
+        assert!(
+            untabled.is_empty(),
+            "kernels in shaders/metal/ missing from KERNELS: {untabled:?}"
+        );
     }
 
     /// The kernels each switch setting dispatches, for one op.
