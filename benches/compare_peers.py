@@ -421,26 +421,34 @@ def decode_bytes_per_token(model: Any, position: int) -> Dict[str, int]:
     return out
 
 
-def _profile_moeflux(model: Any, prompt: List[int], n: int) -> Dict[str, Dict[str, float]]:
-    """Per-op decode timings (``profile_per_op``), summed by op kind (layer prefix stripped)."""
+def _profile_moeflux(model: Any, prompt: List[int], n: int) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Per-op timings (``profile_per_op``) of one prefill of ``prompt`` and of ``n`` decode steps,
+    summed by op kind (layer prefix stripped), in ms per token."""
     be = model.backend
+
+    def by_kind(tokens: int, wall: float) -> Dict[str, Dict[str, float]]:
+        by: Dict[str, Dict[str, float]] = {}
+        for label, s in be.stats().items():
+            kind = re.sub(r"^L\d+\.", "", label)
+            d = by.setdefault(kind, {"ms_per_token": 0.0, "calls_per_token": 0.0})
+            d["ms_per_token"] += s["total_s"] * 1e3 / tokens
+            d["calls_per_token"] += s["count"] / tokens
+        by["_wall"] = {"ms_per_token": wall * 1e3 / tokens, "calls_per_token": 1.0}
+        return dict(sorted(by.items(), key=lambda kv: -kv[1]["ms_per_token"]))
+
     model.reset()
-    tok = int(np.argmax(model.prefill(prompt)))
     be.profile_per_op = True
+    be.clear_stats()
+    t0 = time.perf_counter()
+    tok = int(np.argmax(model.prefill(prompt)))
+    pre = by_kind(len(prompt), time.perf_counter() - t0)
     be.clear_stats()
     t0 = time.perf_counter()
     for _ in range(n):
         tok = int(np.argmax(model.decode(tok)))
-    wall = time.perf_counter() - t0
+    dec = by_kind(n, time.perf_counter() - t0)
     be.profile_per_op = False
-    by: Dict[str, Dict[str, float]] = {}
-    for label, s in be.stats().items():
-        kind = re.sub(r"^L\d+\.", "", label)
-        d = by.setdefault(kind, {"ms_per_token": 0.0, "calls_per_token": 0.0})
-        d["ms_per_token"] += s["total_s"] * 1e3 / n
-        d["calls_per_token"] += s["count"] / n
-    by["_wall"] = {"ms_per_token": wall * 1e3 / n, "calls_per_token": 1.0}
-    return dict(sorted(by.items(), key=lambda kv: -kv[1]["ms_per_token"]))
+    return {"prefill": pre, "decode": dec}
 
 
 def worker(a: argparse.Namespace) -> Dict[str, Any]:
@@ -647,9 +655,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(markdown(rows, bws, args, loads))
     for s in samples:
         if "profile" in s:
-            print(f"\nmoeflux {s['bits']}-bit decode profile (ms/token, by op kind):")
-            for k, v in list(s["profile"].items())[:15]:
-                print(f"  {k:28s} {v['ms_per_token']:8.3f} ms  ({v['calls_per_token']:.0f} calls)")
+            for phase, prof in s["profile"].items():
+                print(f"\nmoeflux {s['bits']}-bit {phase} profile (ms per token, by op kind):")
+                for k, v in list(prof.items())[:16]:
+                    print(f"  {k:28s} {v['ms_per_token']:8.3f} ms  ({v['calls_per_token']:.2f} calls)")
             break
     return 0
 

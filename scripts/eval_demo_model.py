@@ -115,7 +115,7 @@ def build_info(args, tdm, summary, tok_sha, results, model_dir: Path) -> dict:
         "active_params_per_token": model.get("active_params_per_token"),
         "bits": meta["bits"],
         "group_size": meta["group_size"],
-        "package_bytes": dir_bytes(model_dir),
+        "package_bytes": dir_bytes(model_dir),  # without demo_info.json itself
         "heldout_loss": round(loss_f, 4),
         "heldout_loss_quantized": round(loss_q, 4),
         "heldout_loss_increase_pct": round(100.0 * (loss_q - loss_f) / loss_f, 2),
@@ -126,9 +126,17 @@ def build_info(args, tdm, summary, tok_sha, results, model_dir: Path) -> dict:
                        f"inputs of the held-out token stream (EOT before every file), each scored on its next token",
             "unquantized": f"transformers {results['hf'].get('transformers')} fp32 on {results['hf'].get('device')}",
             "quantized": f"moeflux CPU backend, Model.logits per window (chunk {args.chunk_size})",
-            "other_conversions": {k: v for k, v in results["moeflux"].items() if k != str(model_dir)},
-            "heldout_loss_all_tokens_training_run": ev.get("heldout_loss"),
-            "train_split_loss_training_run": ev.get("train_split_loss"),
+            "other_conversions": {
+                f"{v['bits']}-bit, group {v['group_size']}": {
+                    "heldout_loss": round(v["loss"], 4),
+                    "increase_pct": round(v.get("increase_pct", float("nan")), 2),
+                    "bytes": v["bytes"],
+                }
+                for k, v in results["moeflux"].items()
+                if k != str(model_dir)
+            },
+            "heldout_loss_training_run": round(ev.get("heldout_loss") or float("nan"), 4),
+            "train_split_loss_training_run": round(ev.get("train_split_loss") or float("nan"), 4),
         },
         "train": {
             "script": "scripts/train_demo_model.py",
@@ -136,10 +144,10 @@ def build_info(args, tdm, summary, tok_sha, results, model_dir: Path) -> dict:
             "steps": train.get("steps_done"),
             "tokens_seen": train.get("tokens_seen"),
             "seconds": train.get("seconds"),
-            "final_train_loss_mean_last5": train.get("final_train_loss_mean_last5"),
+            "final_train_loss_mean_last5": round(train.get("final_train_loss_mean_last5") or float("nan"), 4),
             "autocast": train.get("autocast"),
             "versions": log.get("versions"),
-            "heldout_subset_curve": [(r["step"], r["heldout_subset_loss"]) for r in log.get("heldout_curve", [])],
+            "heldout_subset_curve": {str(r["step"]): r["heldout_subset_loss"] for r in log.get("heldout_curve", [])},
         },
         "corpus": {
             "description": "every *.py file of the CPython standard library, sorted by relative path, skipping "
@@ -218,8 +226,9 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.write_info:
-        info = build_info(args, tdm, summary, tok_sha, results, args.model[0])
         path = args.model[0] / "demo_info.json"
+        path.unlink(missing_ok=True)
+        info = build_info(args, tdm, summary, tok_sha, results, args.model[0])
         path.write_text(json.dumps(info, indent=1) + "\n")
         print(f"wrote {path}", file=sys.stderr)
     return 0

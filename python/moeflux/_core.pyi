@@ -183,7 +183,7 @@ class ExpertStore:
         slots: int,
         *,
         io_threads: int = 8,
-        policy: Literal["lfu", "lru"] = "lfu",
+        policy: Literal["lru", "lfu"] = "lru",
         direct_io: bool = True,
         drop_page_cache: bool = True,
         read_chunk: int = 0,

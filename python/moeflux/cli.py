@@ -50,7 +50,8 @@ def _print_io(model, out=None) -> None:
     )
 
 
-def _print_speed(model, out=sys.stderr) -> None:
+def _print_speed(model, out=None) -> None:
+    out = out or sys.stderr
     st = model.stats
     print(
         f"\n[moeflux] prefill {st.prompt_tokens} tok in {st.prefill_s:.3f} s ({st.prefill_tok_s:.1f} tok/s), "
@@ -60,7 +61,8 @@ def _print_speed(model, out=sys.stderr) -> None:
     )
 
 
-def _print_plan(model, out=sys.stderr) -> None:
+def _print_plan(model, out=None) -> None:
+    out = out or sys.stderr
     r = model.plan_report
     if r is None:
         return

@@ -194,7 +194,7 @@ class Model:
         expert_cache_gb: Optional[float] = None,
         auto_ram_fraction: Optional[float] = None,
         io_threads: int = 8,
-        cache_policy: str = "lfu",
+        cache_policy: str = "lru",
         prefetch: bool = True,
     ):
         self.path = _resolve(path)

@@ -17,6 +17,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Which cached expert is evicted first.
+///
+/// LRU is the default: in decode the strongest reuse signal is recency (a layer's experts of the
+/// last tokens, which the prefetch also bets on), and LFU evicts a just-used expert whose count is
+/// still low, which the prefetch then reads again (measured: same hit rate, ~60% more bytes read;
+/// `BENCHMARKS.md`). LFU suits routers with a stable popularity skew.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policy {
     /// Least recently used.
@@ -70,14 +75,14 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     /// Defaults for a model with `num_experts` experts of `stride` bytes and `slots` slots:
-    /// 8 readers, LFU, direct I/O with page-cache dropping as the fallback, whole-expert reads.
+    /// 8 readers, LRU, direct I/O with page-cache dropping as the fallback, whole-expert reads.
     pub fn new(stride: u64, num_experts: u32, slots: usize) -> StoreConfig {
         StoreConfig {
             stride,
             num_experts,
             slots,
             io_threads: 8,
-            policy: Policy::Lfu,
+            policy: Policy::Lru,
             direct_io: true,
             drop_page_cache: true,
             read_chunk: 0,

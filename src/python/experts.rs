@@ -26,10 +26,10 @@ pub struct PyExpertStore {
 #[pymethods]
 impl PyExpertStore {
     /// Open `files` (`{layer: path}`), each `num_experts * expert_stride` bytes, with a cache of
-    /// `slots` experts. `policy` is `"lfu"` or `"lru"`; `read_chunk` splits one expert's read
+    /// `slots` experts. `policy` is `"lru"` or `"lfu"`; `read_chunk` splits one expert's read
     /// into parallel pieces (0: whole experts).
     #[new]
-    #[pyo3(signature = (backend, files, expert_stride, num_experts, slots, *, io_threads = 8, policy = "lfu",
+    #[pyo3(signature = (backend, files, expert_stride, num_experts, slots, *, io_threads = 8, policy = "lru",
                         direct_io = true, drop_page_cache = true, read_chunk = 0, label = "expert_slots".to_string()))]
     #[allow(clippy::too_many_arguments)]
     fn new(

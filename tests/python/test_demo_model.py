@@ -10,6 +10,9 @@ uses, so the only differences are float summation orders.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Dict
@@ -188,7 +191,7 @@ def test_greedy_completion_is_pinned(model):
     got = list(model.generate(ids, max_new_tokens=16, stop=[]))
     assert got == GREEDY_16, model.decode_text(got)
     assert model.decode_text(got) == GREEDY_16_TEXT
-    # Same tokens token by token (decode path) and in one chunk.
+    # The same tokens with another prefill chunk size.
     whole = Model.open("demo", chunk_size=64)
     assert list(whole.generate(ids, max_new_tokens=16, stop=[])) == GREEDY_16
 
@@ -199,5 +202,14 @@ def test_demo_command_prints_a_completion(capsys):
     assert out.startswith(DEMO_PROMPT)
     completion = out[len(DEMO_PROMPT):]
     assert len(completion.strip()) > 10
-    assert "demo model:" in err and "random-weight" not in err
-    assert "prefill" in err and "decode" in err and "tok/s" in err and "memory plan" in err
+    assert "demo model:" in err and "random-weight" not in err and "held-out loss" in err
+
+
+def test_demo_command_reports_speed_and_memory_plan():
+    # A subprocess: cli binds sys.stderr as a default argument at import, which capsys cannot redirect.
+    r = subprocess.run([sys.executable, "-m", "moeflux", "demo", "--max-tokens", "8"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(DEMO_PROMPT) and len(r.stdout) > len(DEMO_PROMPT) + 5
+    assert "memory plan" in r.stderr
+    assert re.search(r"prefill \d+ tok in [\d.]+ s \([\d.]+ tok/s\), decode \d+ tok", r.stderr), r.stderr

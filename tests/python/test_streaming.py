@@ -130,12 +130,13 @@ def test_statistics_count_each_expert_once_per_chunk_and_decode_lookups(models):
     assert st["misses"] == 0 and st["bytes_read"] == 0 and st["hit_rate"] == 1.0
 
 
-def test_prefetch_brings_the_previous_tokens_experts(models):
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_prefetch_brings_the_previous_tokens_experts(models, policy):
     mf = models("next4")
     cfg = moeflux.ModelDir.open(mf).config
     layers = len(cfg.moe_layers)
-    # One token's experts per layer fit, two layers' do not: prefetch refills each layer.
-    m = Model.open(mf, chunk_size=CHUNK, expert_io="pread", prefetch=True,
+    # Two layers' experts fit, a whole token's do not: prefetch refills each layer.
+    m = Model.open(mf, chunk_size=CHUNK, expert_io="pread", prefetch=True, cache_policy=policy,
                    expert_cache_gb=_gb(mf, 2 * cfg.num_experts_per_tok))
     m.reset()
     m.prefill(_prompt(9, 3))
