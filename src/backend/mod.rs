@@ -9,6 +9,7 @@ pub mod encoder;
 pub mod metal;
 #[cfg(feature = "metal-emu")]
 pub mod metal_emu;
+mod slots;
 pub mod stats;
 
 use crate::error::{Error, Result};

@@ -1,17 +1,15 @@
 //! The CPU buffer pool: logical ids over owned (aligned, zero-filled) or borrowed host memory.
 //!
-//! Ids index `slots`; each slot points at a physical buffer. Before `commit_plan` the mapping is
-//! one to one; afterwards ids of one colour share a physical buffer and are pinned. Kernels get
-//! byte slices through `&self` (device memory is interior-mutable on every backend); the backend
-//! guarantees that no two mutable slices of one op share a physical buffer (validation rejects
-//! two written fields on one physical buffer, and reads of a buffer the op writes are copied).
+//! The id bookkeeping and plan aliasing are the shared `SlotTable`'s. Kernels get byte slices
+//! through `&self` (device memory is interior-mutable on every backend); the backend guarantees
+//! that no two mutable slices of one op share a physical buffer (validation rejects two written
+//! fields on one physical buffer, and reads of a buffer the op writes are copied).
 
-use super::super::{check_id, BufferPool, PoolInfo};
+use super::super::slots::{delegate_pool_info, PhysicalMem, SlotTable};
+use super::super::{check_id, BufferPool};
 use crate::error::{Error, Result};
 use crate::graph::{Buf, BufId, Graph, Role};
-use crate::plan::lifetime::{
-    analyze_lifetimes, check_layout, check_layout_with, greedy_color, peak_live_bytes, PlanReport,
-};
+use crate::plan::lifetime::PlanReport;
 use std::alloc::Layout;
 use std::any::Any;
 use std::ptr::NonNull;
@@ -70,26 +68,29 @@ impl Physical {
             owner: Owner::Owned(layout),
         })
     }
+}
+
+// SAFETY: an owned allocation of `len` bytes freed only on drop, or borrowed memory the caller of
+// `register_borrowed_role` vouched for (valid while `owner` lives, writable only if `writable`).
+unsafe impl PhysicalMem for Physical {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn writable(&self) -> bool {
+        self.writable
+    }
     fn is_borrowed(&self) -> bool {
         matches!(self.owner, Owner::Borrowed(_))
     }
 }
 
-struct Slot {
-    label: String,
-    role: Role,
-    bytes: usize,
-    persistent: bool,
-    /// Coloured by a committed plan: keeps its physical buffer across `reset_transient`.
-    pinned: bool,
-    physical: usize,
-}
-
 /// Host-memory buffer pool of the CPU backend.
 #[derive(Default)]
 pub struct CpuBufferPool {
-    slots: Vec<Slot>,
-    physicals: Vec<Physical>,
+    table: SlotTable<Physical>,
 }
 
 // SAFETY: the raw pointers are owned allocations or memory whose owner is `Send + Sync`; the
@@ -100,34 +101,6 @@ unsafe impl Sync for CpuBufferPool {}
 impl CpuBufferPool {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    fn push(
-        &mut self,
-        phys: Physical,
-        bytes: usize,
-        role: Role,
-        label: &str,
-        persistent: bool,
-    ) -> u32 {
-        self.physicals.push(phys);
-        self.slots.push(Slot {
-            label: label.to_string(),
-            role,
-            bytes,
-            persistent,
-            pinned: false,
-            physical: self.physicals.len() - 1,
-        });
-        (self.slots.len() - 1) as u32
-    }
-
-    fn slot(&self, raw: u32, what: &'static str) -> Result<&Slot> {
-        self.slots.get(raw as usize).ok_or(Error::PoolBadId {
-            what,
-            id: raw,
-            count: self.slots.len(),
-        })
     }
 
     /// Adopt `len` bytes at `ptr` without copying; `owner` is kept alive as long as any id uses
@@ -157,7 +130,7 @@ impl CpuBufferPool {
             writable,
             owner: Owner::Borrowed(owner),
         };
-        Ok(self.push(phys, len, role, label, persistent))
+        Ok(self.table.push(phys, role, label, persistent))
     }
 
     /// Typed form of [`Self::register_borrowed_role`] for Rust callers (e.g. an mmap'd expert file).
@@ -179,8 +152,7 @@ impl CpuBufferPool {
 
     /// Base address of the memory behind an id (tests check alignment and zero-copy with it).
     pub fn address(&self, raw: u32) -> Result<usize> {
-        let slot = self.slot(raw, "address")?;
-        Ok(self.physicals[slot.physical].ptr.as_ptr() as usize)
+        self.table.address(raw)
     }
 
     /// Bytes of the logical buffer `raw`.
@@ -188,12 +160,7 @@ impl CpuBufferPool {
     /// # Safety
     /// No mutable slice of the same physical buffer may be alive.
     pub(crate) unsafe fn bytes(&self, raw: u32) -> Result<&[u8]> {
-        let slot = self.slot(raw, "read")?;
-        let phys = &self.physicals[slot.physical];
-        Ok(std::slice::from_raw_parts(
-            phys.ptr.as_ptr(),
-            slot.bytes.min(phys.len),
-        ))
+        self.table.bytes(raw, "read")
     }
 
     /// Mutable bytes of the logical buffer `raw`.
@@ -202,74 +169,11 @@ impl CpuBufferPool {
     /// No other slice of the same physical buffer may be alive while this one is.
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn bytes_mut(&self, raw: u32) -> Result<&mut [u8]> {
-        let slot = self.slot(raw, "write")?;
-        let phys = &self.physicals[slot.physical];
-        if !phys.writable {
-            return Err(Error::ReadOnly {
-                label: slot.label.clone(),
-                what: "write".into(),
-            });
-        }
-        Ok(std::slice::from_raw_parts_mut(
-            phys.ptr.as_ptr(),
-            slot.bytes.min(phys.len),
-        ))
-    }
-
-    /// Bytes of the distinct owned (not borrowed) physical buffers behind `ids`.
-    fn owned_physical_bytes(&self, ids: impl Iterator<Item = usize>) -> u64 {
-        let mut seen = std::collections::BTreeSet::new();
-        ids.map(|i| self.slots[i].physical)
-            .filter(|&p| !self.physicals[p].is_borrowed() && seen.insert(p))
-            .map(|p| self.physicals[p].len as u64)
-            .sum()
-    }
-
-    /// Drop physical buffers no slot references and renumber the rest, keeping order.
-    fn collect_garbage(&mut self) {
-        let mut used = vec![false; self.physicals.len()];
-        for s in &self.slots {
-            used[s.physical] = true;
-        }
-        let mut remap = vec![usize::MAX; self.physicals.len()];
-        let old = std::mem::take(&mut self.physicals);
-        for (i, p) in old.into_iter().enumerate() {
-            if used[i] {
-                remap[i] = self.physicals.len();
-                self.physicals.push(p);
-            }
-        }
-        for s in &mut self.slots {
-            s.physical = remap[s.physical];
-        }
+        self.table.bytes_mut(raw, "write")
     }
 }
 
-impl PoolInfo for CpuBufferPool {
-    fn count(&self) -> usize {
-        self.slots.len()
-    }
-    fn byte_size(&self, raw: u32) -> Option<usize> {
-        self.slots.get(raw as usize).map(|s| s.bytes)
-    }
-    fn role(&self, raw: u32) -> Option<Role> {
-        self.slots.get(raw as usize).map(|s| s.role)
-    }
-    fn label_of(&self, raw: u32) -> Option<&str> {
-        self.slots.get(raw as usize).map(|s| s.label.as_str())
-    }
-    fn writable(&self, raw: u32) -> Option<bool> {
-        self.slots
-            .get(raw as usize)
-            .map(|s| self.physicals[s.physical].writable)
-    }
-    fn persistent(&self, raw: u32) -> Option<bool> {
-        self.slots.get(raw as usize).map(|s| s.persistent)
-    }
-    fn physical_of(&self, raw: u32) -> Option<u32> {
-        self.slots.get(raw as usize).map(|s| s.physical as u32)
-    }
-}
+delegate_pool_info!(CpuBufferPool, table);
 
 impl BufferPool for CpuBufferPool {
     type Handle = [u8];
@@ -282,7 +186,7 @@ impl BufferPool for CpuBufferPool {
         persistent: bool,
     ) -> Result<u32> {
         let phys = Physical::owned(bytes, DEFAULT_ALIGN, label)?;
-        Ok(self.push(phys, bytes, role, label, persistent))
+        Ok(self.table.push(phys, role, label, persistent))
     }
 
     fn alloc_aligned_role(
@@ -300,7 +204,7 @@ impl BufferPool for CpuBufferPool {
             });
         }
         let phys = Physical::owned(bytes, alignment.max(DEFAULT_ALIGN), label)?;
-        Ok(self.push(phys, bytes, role, label, persistent))
+        Ok(self.table.push(phys, role, label, persistent))
     }
 
     fn handle<B: Buf>(&self, id: BufId<B>) -> Result<&[u8]> {
@@ -310,130 +214,32 @@ impl BufferPool for CpuBufferPool {
     }
 
     fn upload_at<B: Buf>(&mut self, id: BufId<B>, offset: usize, host: &[u8]) -> Result<()> {
-        check_id(self, id, "upload")?;
-        let slot = &self.slots[id.raw() as usize];
-        let end = offset.saturating_add(host.len());
-        if end > slot.bytes {
-            return Err(Error::SizeMismatch {
-                label: slot.label.clone(),
-                what: if offset == 0 {
-                    "upload"
-                } else {
-                    "upload_at (offset + length)"
-                },
-                expected: slot.bytes,
-                actual: end,
-            });
-        }
-        // SAFETY: `&mut self` excludes every other view.
-        let dst = unsafe { self.bytes_mut(id.raw())? };
-        dst[offset..end].copy_from_slice(host);
-        Ok(())
+        self.table.upload_at(id, offset, host, "write")
     }
 
     fn download<B: Buf>(&self, id: BufId<B>, host: &mut [u8]) -> Result<()> {
-        check_id(self, id, "download")?;
-        let slot = &self.slots[id.raw() as usize];
-        if host.len() > slot.bytes {
-            return Err(Error::SizeMismatch {
-                label: slot.label.clone(),
-                what: "download",
-                expected: slot.bytes,
-                actual: host.len(),
-            });
-        }
-        // SAFETY: shared view for the duration of the copy.
-        let src = unsafe { self.bytes(id.raw())? };
-        host.copy_from_slice(&src[..host.len()]);
-        Ok(())
+        self.table.download(id, host)
     }
 
     fn reset_transient(&mut self) {
-        let keep = self
-            .slots
-            .iter()
-            .rposition(|s| s.persistent || s.pinned)
-            .map_or(0, |i| i + 1);
-        self.slots.truncate(keep);
-        self.collect_garbage();
+        self.table.reset_transient()
     }
 
     fn physical_buffer_count(&self) -> usize {
-        self.physicals.len()
+        self.table.physical_count()
     }
 
     fn commit_plan(&mut self, graph: &Graph, alias: bool) -> Result<PlanReport> {
-        let lt = analyze_lifetimes(graph);
-        let n = self.slots.len();
-        for &raw in lt.intervals.keys() {
-            self.slot(raw, "commit_plan")?;
-        }
-        let colorable = |raw: u32| {
-            let s = &self.slots[raw as usize];
-            !s.persistent && !s.pinned && !self.physicals[s.physical].is_borrowed()
-        };
-        let sizes = |raw: u32| self.slots[raw as usize].bytes;
-        let coloring = greedy_color(&lt, sizes, colorable);
-        let owned: Vec<bool> = self
-            .slots
-            .iter()
-            .map(|s| !self.physicals[s.physical].is_borrowed())
-            .collect();
-        let logical: u64 = (0..n)
-            .filter(|&i| owned[i])
-            .map(|i| self.slots[i].bytes as u64)
-            .sum();
-        // Memory this plan cannot fold: the distinct physical buffers of owned ids it does not
-        // colour (ids pinned by an earlier plan already share theirs).
-        let fixed = self.owned_physical_bytes(
-            (0..n).filter(|i| !coloring.bufid_to_color.contains_key(&(*i as u32))),
-        );
-        let peak = peak_live_bytes(&lt, &coloring, sizes);
-        let mut report = PlanReport {
-            logical_bytes: logical,
-            physical_bytes: self.owned_physical_bytes(0..n),
-            lower_bound_bytes: fixed + peak,
-            aliased_buffers: 0,
-            colors: 0,
-        };
-        if !alias {
-            return Ok(report);
-        }
-        // Prove the new layout safe before touching anything: ids pinned by an earlier plan keep
-        // their memory and must not conflict in this graph.
-        let colour_key = |c: u32| (1u64 << 32) + c as u64;
-        check_layout_with(
-            graph,
-            |raw| match coloring.bufid_to_color.get(&raw) {
-                Some(&c) => Some(colour_key(c)),
-                None => self.physical_of(raw).map(u64::from),
-            },
-            |raw| self.label_of(raw).unwrap_or("?").to_string(),
-        )
-        .map_err(Error::UnsafeAlias)?;
-        let mut color_phys = Vec::with_capacity(coloring.color_bytes.len());
-        for (c, &bytes) in coloring.color_bytes.iter().enumerate() {
-            let phys = Physical::owned(bytes, DEFAULT_ALIGN, &format!("plan.color{c}"))?;
-            self.physicals.push(phys);
-            color_phys.push(self.physicals.len() - 1);
-        }
-        for (&raw, &c) in &coloring.bufid_to_color {
-            let s = &mut self.slots[raw as usize];
-            s.physical = color_phys[c as usize];
-            s.pinned = true;
-        }
-        self.collect_garbage();
-        debug_assert!(check_layout(graph, self).is_ok());
-        report.physical_bytes = self.owned_physical_bytes(0..n);
-        report.aliased_buffers = coloring.bufid_to_color.len() as u64;
-        report.colors = coloring.color_bytes.len() as u64;
-        Ok(report)
+        self.table.commit_plan(graph, alias, |bytes, label| {
+            Physical::owned(bytes, DEFAULT_ALIGN, label)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::PoolInfo;
     use crate::graph::{ActBuf, ExpertBaseBuf, ResidualBuf};
 
     #[test]

@@ -9,13 +9,12 @@
 use super::encode::{encode_op, Bindings, Switches};
 use super::kernels::{family_of, standalone_source, KERNELS};
 use crate::backend::encoder::ComputeEncoder;
+use crate::backend::slots::{delegate_pool_info, PhysicalMem, SlotTable};
 use crate::backend::{check_id, Backend, BufferPool, PoolInfo, Stats};
 use crate::error::{Error, Result};
 use crate::graph::validate::{op_ident, validate, validate_op};
 use crate::graph::{Buf, BufId, ConcreteBuf, Graph, Op, Role};
-use crate::plan::lifetime::{
-    analyze_lifetimes, check_layout, check_layout_with, greedy_color, peak_live_bytes, PlanReport,
-};
+use crate::plan::lifetime::PlanReport;
 use crate::weights::file::WeightFile;
 use ::metal::{
     Buffer, BufferRef, CaptureDescriptor, CaptureManager, CommandBuffer, CommandQueue,
@@ -163,69 +162,46 @@ impl Physical {
             owner: Owner::Borrowed(owner),
         }
     }
+}
 
+// SAFETY: a shared-storage buffer of at least `offset + len` bytes whose memory (device-owned,
+// `Aligned`, or borrowed and vouched for by `register_borrowed_role`) outlives it; borrowed memory
+// is writable only if its registrant said so.
+unsafe impl PhysicalMem for Physical {
+    fn len(&self) -> usize {
+        self.len
+    }
     fn ptr(&self) -> *mut u8 {
         // SAFETY: `offset` lies inside the buffer.
         unsafe { self.buf.contents().cast::<u8>().add(self.offset as usize) }
     }
-
+    fn writable(&self) -> bool {
+        self.writable
+    }
     fn is_borrowed(&self) -> bool {
         matches!(self.owner, Owner::Borrowed(_))
     }
 }
 
-struct Slot {
-    label: String,
-    role: Role,
-    bytes: usize,
-    persistent: bool,
-    pinned: bool,
-    physical: usize,
-}
-
 /// Metal buffer pool: logical ids over shared-storage `MTLBuffer`s, indirect through
 /// `bufid_to_physical` so that `commit_plan` can alias ids of one colour. The semantics are the
-/// CPU pool's: zero-filled `alloc`, prefix `upload`/`download`, `reset_transient`, the same
-/// deterministic plan.
+/// CPU pool's (the same `SlotTable`): zero-filled `alloc`, prefix `upload`/`download`,
+/// `reset_transient`, the same deterministic plan.
 pub struct MetalBufferPool {
     device: Device,
-    slots: Vec<Slot>,
-    physicals: Vec<Physical>,
+    table: SlotTable<Physical>,
 }
 
 impl MetalBufferPool {
     pub fn new(device: Device) -> Self {
         MetalBufferPool {
             device,
-            slots: Vec::new(),
-            physicals: Vec::new(),
+            table: SlotTable::default(),
         }
     }
 
     pub fn device(&self) -> &Device {
         &self.device
-    }
-
-    fn push(&mut self, phys: Physical, role: Role, label: &str, persistent: bool) -> u32 {
-        let bytes = phys.len;
-        self.physicals.push(phys);
-        self.slots.push(Slot {
-            label: label.to_string(),
-            role,
-            bytes,
-            persistent,
-            pinned: false,
-            physical: self.physicals.len() - 1,
-        });
-        (self.slots.len() - 1) as u32
-    }
-
-    fn slot(&self, raw: u32, what: &'static str) -> Result<&Slot> {
-        self.slots.get(raw as usize).ok_or(Error::PoolBadId {
-            what,
-            id: raw,
-            count: self.slots.len(),
-        })
     }
 
     /// Adopt `len` bytes at `ptr` without copying (an mmap'd expert file, a NumPy array);
@@ -251,7 +227,7 @@ impl MetalBufferPool {
             msg: "register_borrowed: null pointer".to_string(),
         })?;
         let phys = Physical::borrowed(&self.device, ptr, len, writable, owner);
-        Ok(self.push(phys, role, label, persistent))
+        Ok(self.table.push(phys, role, label, persistent))
     }
 
     /// Typed form of [`Self::register_borrowed_role`].
@@ -273,8 +249,7 @@ impl MetalBufferPool {
 
     /// The `MTLBuffer` behind `raw` and the byte offset where the id's data starts in it.
     pub fn handle_offset(&self, raw: u32) -> Result<(&BufferRef, u64)> {
-        let slot = self.slot(raw, "handle")?;
-        let p = &self.physicals[slot.physical];
+        let p = self.table.physical(raw, "handle")?;
         Ok((&p.buf, p.offset))
     }
 
@@ -285,8 +260,7 @@ impl MetalBufferPool {
 
     /// Base address of the memory behind an id.
     pub fn address(&self, raw: u32) -> Result<usize> {
-        let slot = self.slot(raw, "address")?;
-        Ok(self.physicals[slot.physical].ptr() as usize)
+        self.table.address(raw)
     }
 
     /// The bytes of `id` as a mutable slice (a pread destination).
@@ -297,18 +271,7 @@ impl MetalBufferPool {
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn as_mut_slice_u8<B: Buf>(&self, id: BufId<B>) -> Result<&mut [u8]> {
         check_id(self, id, "as_mut_slice_u8")?;
-        let slot = &self.slots[id.raw() as usize];
-        let p = &self.physicals[slot.physical];
-        if !p.writable {
-            return Err(Error::ReadOnly {
-                label: slot.label.clone(),
-                what: "as_mut_slice_u8".into(),
-            });
-        }
-        Ok(std::slice::from_raw_parts_mut(
-            p.ptr(),
-            slot.bytes.min(p.len),
-        ))
+        self.table.bytes_mut(id.raw(), "as_mut_slice_u8")
     }
 
     /// Disjoint mutable slices of `N` buffers (parallel pread workers).
@@ -340,60 +303,9 @@ impl MetalBufferPool {
         }
         Ok(out)
     }
-
-    /// Bytes of the distinct owned physical buffers behind `ids`.
-    fn owned_physical_bytes(&self, ids: impl Iterator<Item = usize>) -> u64 {
-        let mut seen = std::collections::BTreeSet::new();
-        ids.map(|i| self.slots[i].physical)
-            .filter(|&p| !self.physicals[p].is_borrowed() && seen.insert(p))
-            .map(|p| self.physicals[p].len as u64)
-            .sum()
-    }
-
-    fn collect_garbage(&mut self) {
-        let mut used = vec![false; self.physicals.len()];
-        for s in &self.slots {
-            used[s.physical] = true;
-        }
-        let mut remap = vec![usize::MAX; self.physicals.len()];
-        let old = std::mem::take(&mut self.physicals);
-        for (i, p) in old.into_iter().enumerate() {
-            if used[i] {
-                remap[i] = self.physicals.len();
-                self.physicals.push(p);
-            }
-        }
-        for s in &mut self.slots {
-            s.physical = remap[s.physical];
-        }
-    }
 }
 
-impl PoolInfo for MetalBufferPool {
-    fn count(&self) -> usize {
-        self.slots.len()
-    }
-    fn byte_size(&self, raw: u32) -> Option<usize> {
-        self.slots.get(raw as usize).map(|s| s.bytes)
-    }
-    fn role(&self, raw: u32) -> Option<Role> {
-        self.slots.get(raw as usize).map(|s| s.role)
-    }
-    fn label_of(&self, raw: u32) -> Option<&str> {
-        self.slots.get(raw as usize).map(|s| s.label.as_str())
-    }
-    fn writable(&self, raw: u32) -> Option<bool> {
-        self.slots
-            .get(raw as usize)
-            .map(|s| self.physicals[s.physical].writable)
-    }
-    fn persistent(&self, raw: u32) -> Option<bool> {
-        self.slots.get(raw as usize).map(|s| s.persistent)
-    }
-    fn physical_of(&self, raw: u32) -> Option<u32> {
-        self.slots.get(raw as usize).map(|s| s.physical as u32)
-    }
-}
+delegate_pool_info!(MetalBufferPool, table);
 
 impl BufferPool for MetalBufferPool {
     type Handle = BufferRef;
@@ -406,7 +318,7 @@ impl BufferPool for MetalBufferPool {
         persistent: bool,
     ) -> Result<u32> {
         let phys = Physical::device(&self.device, bytes);
-        Ok(self.push(phys, role, label, persistent))
+        Ok(self.table.push(phys, role, label, persistent))
     }
 
     fn alloc_aligned_role(
@@ -427,7 +339,7 @@ impl BufferPool for MetalBufferPool {
             });
         }
         let phys = Physical::aligned(&self.device, bytes, alignment, label)?;
-        Ok(self.push(phys, role, label, persistent))
+        Ok(self.table.push(phys, role, label, persistent))
     }
 
     fn handle<B: Buf>(&self, id: BufId<B>) -> Result<&BufferRef> {
@@ -436,129 +348,25 @@ impl BufferPool for MetalBufferPool {
     }
 
     fn upload_at<B: Buf>(&mut self, id: BufId<B>, offset: usize, host: &[u8]) -> Result<()> {
-        check_id(self, id, "upload")?;
-        let slot = &self.slots[id.raw() as usize];
-        let end = offset.saturating_add(host.len());
-        if end > slot.bytes {
-            return Err(Error::SizeMismatch {
-                label: slot.label.clone(),
-                what: if offset == 0 {
-                    "upload"
-                } else {
-                    "upload_at (offset + length)"
-                },
-                expected: slot.bytes,
-                actual: end,
-            });
-        }
-        let p = &self.physicals[slot.physical];
-        if !p.writable {
-            return Err(Error::ReadOnly {
-                label: slot.label.clone(),
-                what: "upload".into(),
-            });
-        }
-        // SAFETY: `&mut self`: no GPU work is in flight and no other view exists.
-        unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), p.ptr().add(offset), host.len()) };
-        Ok(())
+        self.table.upload_at(id, offset, host, "upload")
     }
 
     fn download<B: Buf>(&self, id: BufId<B>, host: &mut [u8]) -> Result<()> {
-        check_id(self, id, "download")?;
-        let slot = &self.slots[id.raw() as usize];
-        if host.len() > slot.bytes {
-            return Err(Error::SizeMismatch {
-                label: slot.label.clone(),
-                what: "download",
-                expected: slot.bytes,
-                actual: host.len(),
-            });
-        }
-        // SAFETY: the range lies inside the buffer; submissions complete before returning.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.physicals[slot.physical].ptr(),
-                host.as_mut_ptr(),
-                host.len(),
-            )
-        };
-        Ok(())
+        self.table.download(id, host)
     }
 
     fn reset_transient(&mut self) {
-        let keep = self
-            .slots
-            .iter()
-            .rposition(|s| s.persistent || s.pinned)
-            .map_or(0, |i| i + 1);
-        self.slots.truncate(keep);
-        self.collect_garbage();
+        self.table.reset_transient()
     }
 
     fn physical_buffer_count(&self) -> usize {
-        self.physicals.len()
+        self.table.physical_count()
     }
 
     fn commit_plan(&mut self, graph: &Graph, alias: bool) -> Result<PlanReport> {
-        let lt = analyze_lifetimes(graph);
-        let n = self.slots.len();
-        for &raw in lt.intervals.keys() {
-            self.slot(raw, "commit_plan")?;
-        }
-        let colorable = |raw: u32| {
-            let s = &self.slots[raw as usize];
-            !s.persistent && !s.pinned && !self.physicals[s.physical].is_borrowed()
-        };
-        let sizes = |raw: u32| self.slots[raw as usize].bytes;
-        let coloring = greedy_color(&lt, sizes, colorable);
-        let logical: u64 = (0..n)
-            .filter(|&i| !self.physicals[self.slots[i].physical].is_borrowed())
-            .map(|i| self.slots[i].bytes as u64)
-            .sum();
-        // Memory this plan cannot fold: the distinct physical buffers of owned ids it does not
-        // colour (ids pinned by an earlier plan already share theirs).
-        let fixed = self.owned_physical_bytes(
-            (0..n).filter(|i| !coloring.bufid_to_color.contains_key(&(*i as u32))),
-        );
-        let peak = peak_live_bytes(&lt, &coloring, sizes);
-        let mut report = PlanReport {
-            logical_bytes: logical,
-            physical_bytes: self.owned_physical_bytes(0..n),
-            lower_bound_bytes: fixed + peak,
-            aliased_buffers: 0,
-            colors: 0,
-        };
-        if !alias {
-            return Ok(report);
-        }
-        // Prove the new layout safe before touching anything: ids pinned by an earlier plan keep
-        // their memory and must not conflict in this graph.
-        let colour_key = |c: u32| (1u64 << 32) + c as u64;
-        check_layout_with(
-            graph,
-            |raw| match coloring.bufid_to_color.get(&raw) {
-                Some(&c) => Some(colour_key(c)),
-                None => self.physical_of(raw).map(u64::from),
-            },
-            |raw| self.label_of(raw).unwrap_or("?").to_string(),
-        )
-        .map_err(Error::UnsafeAlias)?;
-        let mut color_phys = Vec::with_capacity(coloring.color_bytes.len());
-        for &bytes in &coloring.color_bytes {
-            self.physicals.push(Physical::device(&self.device, bytes));
-            color_phys.push(self.physicals.len() - 1);
-        }
-        for (&raw, &c) in &coloring.bufid_to_color {
-            let s = &mut self.slots[raw as usize];
-            s.physical = color_phys[c as usize];
-            s.pinned = true;
-        }
-        self.collect_garbage();
-        debug_assert!(check_layout(graph, self).is_ok());
-        report.physical_bytes = self.owned_physical_bytes(0..n);
-        report.aliased_buffers = coloring.bufid_to_color.len() as u64;
-        report.colors = coloring.color_bytes.len() as u64;
-        Ok(report)
+        let device = &self.device;
+        self.table
+            .commit_plan(graph, alias, |bytes, _| Ok(Physical::device(device, bytes)))
     }
 }
 
