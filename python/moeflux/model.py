@@ -19,7 +19,10 @@ the files into a budgeted cache (``expert_cache_gb=`` or ``MOEFLUX_EXPERT_CACHE_
 ``mmap`` when the experts plus the other weights fit in ``auto_ram_fraction`` (default 0.75, env
 ``MOEFLUX_EXPERT_AUTO_RAM_FRACTION``) of the machine's RAM and no smaller cache budget was asked for,
 ``pread`` otherwise. Buckets are ordered by top-k rank, then expert, so each token sums its experts in
-the same order as ``MoeGatherIdFuse``: every path gives bitwise the same logits.
+the same order as ``MoeGatherIdFuse``: every path gives bitwise the same logits. In pread decode,
+background reads are queued for a layer's experts of the previous token (before its graph segment
+runs) and, with ``spec_prefetch`` (default on), for the next MoE layer's experts as predicted by its
+router applied to the current layer's input (issued while the current layer's experts compute).
 """
 
 from __future__ import annotations
@@ -174,6 +177,11 @@ def _resolve(path: PathLike) -> Path:
 class Model:
     """A model opened on a backend. Not thread-safe: one generation at a time per model.
 
+    Expert I/O keywords (see the module docs): ``expert_io`` (``auto``/``mmap``/``pread``),
+    ``expert_cache_gb`` (pread cache budget), ``auto_ram_fraction``, ``io_threads`` (background
+    readers), ``cache_policy`` (``lru``/``lfu``), ``prefetch`` (previous token's experts) and
+    ``spec_prefetch`` (next layer's predicted experts). pread mode always runs the bucket MoE path.
+
     Example:
         >>> m = Model.open("demo")                     # doctest: +SKIP
         >>> for text in m.generate("def add(a, b):", max_new_tokens=16):
@@ -196,6 +204,7 @@ class Model:
         io_threads: int = 8,
         cache_policy: str = "lru",
         prefetch: bool = True,
+        spec_prefetch: bool = True,
     ):
         self.path = _resolve(path)
         # A moeflux directory opens as is; an MLX or Hugging Face checkpoint is re-packed once into
@@ -221,9 +230,13 @@ class Model:
         self._experts: Dict[int, Any] = {}
         self.store: Optional[_core.ExpertStore] = None
         self.prefetch = bool(prefetch)
+        self.spec_prefetch = bool(prefetch and spec_prefetch)
         self._last_experts: Dict[int, List[int]] = {}
         self._io_tokens = 0
         self._open_experts(expert_io, expert_cache_gb, auto_ram_fraction, io_threads, cache_policy)
+        moe = list(self.config.moe_layers)
+        # The MoE layer after each one, whose experts decode predicts from this layer's input.
+        self._next_moe: Dict[int, int] = dict(zip(moe, moe[1:])) if self.store is not None else {}
         self._alloc()
         self._steps: Dict[Tuple[int, str], _Step] = {}
         self.position = 0
@@ -399,6 +412,10 @@ class Model:
                 s[f"L{i}.slots"] = buf(min(C, E) * k * 4, "moe_index", f"L{i}.slots")
                 t("tok_idx", k, "moe_index")
                 t("tok_w", k, "router_weight")
+                if i in self._next_moe and self.spec_prefetch:
+                    t("spec_router", E, "router_logits")
+                    t("spec_idx", k, "router_idx")
+                    t("spec_w", k, "router_weight")
                 Is = cfg.shared_expert_intermediate_size
                 t("sh_gate", Is)
                 t("sh_up", Is)
@@ -584,6 +601,13 @@ class Model:
                                  n_experts=E, k=k, label=f"L{i}.topk"))
         if cfg.norm_topk_prob:
             g.add(ops.MoeNormalizeWeights(weights=L("rw"), n_tokens=n, k=k, label=f"L{i}.topk_norm"))
+        if n == 1 and self.spec_prefetch and i in self._next_moe:
+            # Decode, pread: the next MoE layer's router on this layer's input predicts its experts
+            # (the residual stream changes little in one layer); the host prefetches them.
+            matvec(f"model.layers.{self._next_moe[i]}.mlp.gate", L("normed2"), L("spec_router"),
+                   label=f"L{i}.spec_router")
+            g.add(ops.MoeSoftmaxTopK(logits=L("spec_router"), indices_out=L("spec_idx"), weights_out=L("spec_w"),
+                                     n_tokens=n, n_experts=E, k=k, label=f"L{i}.spec_topk"))
         matvec(f"{p}.shared_expert.gate_proj", L("normed2"), L("sh_gate"), label=f"L{i}.shared_gate_proj")
         matvec(f"{p}.shared_expert.up_proj", L("normed2"), L("sh_up"), label=f"L{i}.shared_up_proj")
         g.add(ops.SwigluFusedBatched(gate=L("sh_gate"), up=L("sh_up"), out=L("sh_act"), total=n * Is,
@@ -877,10 +901,14 @@ class _BucketMoe:
             self._execute(order, idx, wts, {int(e): int(e) for e in np.unique(idx)})
             return
         distinct = [int(e) for e in np.unique(idx)]
-        m._last_experts[i] = distinct
+        m._last_experts[i] = idx[(n - 1) * k:].tolist()  # the last token's: the next decode step's guess
         if len(distinct) <= store.slots:
             slots = store.acquire(i, distinct)
             try:
+                if n == 1 and m.spec_prefetch and i in m._next_moe:
+                    # Read the next layer's predicted experts while this layer computes.
+                    spec = be.download(m.scratch[f"L{i}.spec_idx"], dtype=np.uint32, shape=(k,))
+                    store.prefetch(m._next_moe[i], spec.tolist())
                 self._execute(order, idx, wts, dict(zip(distinct, slots)))
             finally:
                 store.release(slots)

@@ -36,14 +36,20 @@ pub fn open_expert_file(
             Ok(f) => (f, None),
             Err(e) if is_unsupported(&e) => (
                 buffered()?,
-                Some(format!("{}: direct I/O refused at open ({e}); using buffered reads", path.display())),
+                Some(format!(
+                    "{}: direct I/O refused at open ({e}); using buffered reads",
+                    path.display()
+                )),
             ),
             Err(e) => return Err(Error::io(path.display(), e)),
         }
     } else {
         (buffered()?, None)
     };
-    let len = file.metadata().map_err(|e| Error::io(path.display(), e))?.len();
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(path.display(), e))?
+        .len();
     if len != expected_len {
         return Err(Error::weight_file(
             path.display(),
@@ -81,7 +87,10 @@ pub fn open_expert_file(
 #[cfg(target_os = "linux")]
 fn open_direct(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
 }
 
 #[cfg(target_os = "macos")]
@@ -100,7 +109,10 @@ fn open_direct(_path: &Path) -> io::Result<File> {
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+    )
 }
 
 impl ExpertFile {
@@ -156,7 +168,9 @@ impl ExpertFile {
             if n == 0 || (self.direct && (n as usize) < len - done) {
                 // A direct read stops short only at end of file; the next aligned read would fail
                 // with EINVAL, so name the cause now.
-                let now = self.current_len().map_or_else(|e| format!("unknown ({e})"), |l| l.to_string());
+                let now = self
+                    .current_len()
+                    .map_or_else(|e| format!("unknown ({e})"), |l| l.to_string());
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(
@@ -201,7 +215,8 @@ pub(crate) struct AlignedBuf {
 
 impl AlignedBuf {
     pub(crate) fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN).expect("valid layout");
+        let layout =
+            std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN).expect("valid layout");
         // SAFETY: non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {

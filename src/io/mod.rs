@@ -86,14 +86,23 @@ mod tests {
     fn slot_bytes(store: &ExpertStore, slot: u32) -> Vec<u8> {
         let mem = store.memory();
         // SAFETY: the slot is pinned by the caller, so no reader writes it.
-        unsafe { std::slice::from_raw_parts(mem.ptr().add(slot as usize * STRIDE as usize), STRIDE as usize) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(
+                mem.ptr().add(slot as usize * STRIDE as usize),
+                STRIDE as usize,
+            )
+        }
+        .to_vec()
     }
 
     fn check_invariants(s: &IoStats, stride: u64) {
         assert_eq!(s.lookups, s.hits + s.misses, "{s:?}");
         assert!(s.prefetch_hits <= s.hits, "{s:?}");
-        assert_eq!(s.bytes_read, (s.demand_reads + s.prefetch_reads) * stride, "{s:?}");
+        assert_eq!(
+            s.bytes_read,
+            (s.demand_reads + s.prefetch_reads) * stride,
+            "{s:?}"
+        );
         assert_eq!(s.demand_reads, s.misses, "{s:?}");
     }
 
@@ -198,7 +207,10 @@ mod tests {
                 let got = store.acquire(layer, &experts).unwrap();
                 reference.acquire(layer, &experts);
                 for (&e, &s) in experts.iter().zip(&got) {
-                    assert!(slot_bytes(&store, s) == pattern(layer, e), "layer {layer} expert {e} slot {s}");
+                    assert!(
+                        slot_bytes(&store, s) == pattern(layer, e),
+                        "layer {layer} expert {e} slot {s}"
+                    );
                 }
                 store.release(&got).unwrap();
             }
@@ -224,11 +236,23 @@ mod tests {
         assert_eq!(got[0], got[1]);
         assert_ne!(got[0], got[2]);
         assert_eq!(store.stats().lookups, 2);
-        assert!(matches!(store.acquire(1, &[1]), Err(Error::Alloc { .. })), "all slots pinned");
+        assert!(
+            matches!(store.acquire(1, &[1]), Err(Error::Alloc { .. })),
+            "all slots pinned"
+        );
         store.release(&got).unwrap();
-        assert!(matches!(store.acquire(1, &[0, 1, 2]), Err(Error::Alloc { .. })), "more than slots");
-        assert!(matches!(store.acquire(0, &[0]), Err(Error::BadData { .. })), "no such layer");
-        assert!(matches!(store.acquire(1, &[4]), Err(Error::BadData { .. })), "no such expert");
+        assert!(
+            matches!(store.acquire(1, &[0, 1, 2]), Err(Error::Alloc { .. })),
+            "more than slots"
+        );
+        assert!(
+            matches!(store.acquire(0, &[0]), Err(Error::BadData { .. })),
+            "no such layer"
+        );
+        assert!(
+            matches!(store.acquire(1, &[4]), Err(Error::BadData { .. })),
+            "no such expert"
+        );
         assert!(store.release(&[2]).is_err());
         let again = store.acquire(1, &[1, 2]).unwrap();
         assert!(slot_bytes(&store, again[1]) == pattern(1, 2));
@@ -243,7 +267,14 @@ mod tests {
         let dir = tmpdir();
         let files = write_files(&dir.0, &[0, 1], 8);
         for policy in [Policy::Lru, Policy::Lfu] {
-            let store = ExpertStore::open(&files, StoreConfig { policy, ..config(8, 3) }).unwrap();
+            let store = ExpertStore::open(
+                &files,
+                StoreConfig {
+                    policy,
+                    ..config(8, 3)
+                },
+            )
+            .unwrap();
             let a = store.acquire(0, &[1, 2]).unwrap();
             store.release(&a).unwrap();
             // 2 and 1 are cached (refreshed, not read); 3 takes the free slot; 4 and 5 would have
@@ -267,7 +298,10 @@ mod tests {
             let st = store.stats();
             assert_eq!(st.prefetch_wasted + st.prefetch_cancelled, 3, "{st:?}");
             assert_eq!(st.misses, 3);
-            assert_eq!(st.bytes_read, (st.demand_reads + st.prefetch_reads) * STRIDE);
+            assert_eq!(
+                st.bytes_read,
+                (st.demand_reads + st.prefetch_reads) * STRIDE
+            );
         }
     }
 
@@ -275,7 +309,14 @@ mod tests {
     fn two_threads_share_the_cache() {
         let dir = tmpdir();
         let files = write_files(&dir.0, &[0, 1], 32);
-        let store = ExpertStore::open(&files, StoreConfig { read_chunk: 4096, ..config(32, 6) }).unwrap();
+        let store = ExpertStore::open(
+            &files,
+            StoreConfig {
+                read_chunk: 4096,
+                ..config(32, 6)
+            },
+        )
+        .unwrap();
         std::thread::scope(|sc| {
             for t in 0..2u64 {
                 let store = &store;
@@ -289,7 +330,10 @@ mod tests {
                             store.prefetch(layer, &[rng.below(32) as u32]).unwrap();
                         }
                         for (&e, &s) in experts.iter().zip(&got) {
-                            assert!(slot_bytes(store, s) == pattern(layer, e), "layer {layer} expert {e}");
+                            assert!(
+                                slot_bytes(store, s) == pattern(layer, e),
+                                "layer {layer} expert {e}"
+                            );
                         }
                         store.release(&got).unwrap();
                     }
@@ -299,14 +343,20 @@ mod tests {
         store.wait_idle();
         let st = store.stats();
         assert_eq!(st.lookups, st.hits + st.misses);
-        assert_eq!(st.bytes_read, (st.demand_reads + st.prefetch_reads) * STRIDE);
+        assert_eq!(
+            st.bytes_read,
+            (st.demand_reads + st.prefetch_reads) * STRIDE
+        );
     }
 
     #[test]
     fn wrong_file_size_is_rejected_at_open() {
         let dir = tmpdir();
         let files = write_files(&dir.0, &[0, 5], 4);
-        let f = std::fs::OpenOptions::new().append(true).open(&files[1].1).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&files[1].1)
+            .unwrap();
         f.set_len(4 * STRIDE - 4096).unwrap();
         match ExpertStore::open(&files, config(4, 2)) {
             Err(Error::WeightFile { path, msg }) => {
@@ -315,9 +365,18 @@ mod tests {
             }
             other => panic!("expected a weight-file error, got {other:?}"),
         }
-        assert!(matches!(ExpertStore::open(&[(0, dir.0.join("missing"))], config(4, 2)), Err(Error::Io { .. })));
-        assert!(ExpertStore::open(&files[..1], StoreConfig::new(1000, 4, 2)).is_err(), "unaligned stride");
-        assert!(ExpertStore::open(&files[..1], config(4, 0)).is_err(), "no slots");
+        assert!(matches!(
+            ExpertStore::open(&[(0, dir.0.join("missing"))], config(4, 2)),
+            Err(Error::Io { .. })
+        ));
+        assert!(
+            ExpertStore::open(&files[..1], StoreConfig::new(1000, 4, 2)).is_err(),
+            "unaligned stride"
+        );
+        assert!(
+            ExpertStore::open(&files[..1], config(4, 0)).is_err(),
+            "no slots"
+        );
     }
 
     #[test]
@@ -325,16 +384,35 @@ mod tests {
         let dir = tmpdir();
         let files = write_files(&dir.0, &[0], 8);
         for direct in [true, false] {
-            std::fs::write(&files[0].1, (0..8).flat_map(|e| pattern(0, e)).collect::<Vec<u8>>()).unwrap();
-            let store = ExpertStore::open(&files, StoreConfig { direct_io: direct, ..config(8, 2) }).unwrap();
+            std::fs::write(
+                &files[0].1,
+                (0..8).flat_map(|e| pattern(0, e)).collect::<Vec<u8>>(),
+            )
+            .unwrap();
+            let store = ExpertStore::open(
+                &files,
+                StoreConfig {
+                    direct_io: direct,
+                    ..config(8, 2)
+                },
+            )
+            .unwrap();
             let a = store.acquire(0, &[6]).unwrap();
             store.release(&a).unwrap();
-            let f = std::fs::OpenOptions::new().write(true).open(&files[0].1).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&files[0].1)
+                .unwrap();
             f.set_len(5 * STRIDE + 100).unwrap();
             let err = store.acquire(0, &[0, 5]).unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, Error::Io { .. }), "{msg}");
-            assert!(msg.contains("layer_000.bin") && msg.contains("truncated") && msg.contains("expert 5"), "{msg}");
+            assert!(
+                msg.contains("layer_000.bin")
+                    && msg.contains("truncated")
+                    && msg.contains("expert 5"),
+                "{msg}"
+            );
             // Nothing stays pinned and the cache keeps working on the intact part.
             let b = store.acquire(0, &[1, 4]).unwrap();
             assert!(slot_bytes(&store, b[0]) == pattern(0, 1));

@@ -55,7 +55,9 @@ impl SlotMemory {
             msg,
         };
         if len == 0 {
-            return Err(fail("the expert slot buffer needs at least one slot".into()));
+            return Err(fail(
+                "the expert slot buffer needs at least one slot".into(),
+            ));
         }
         let page = page_size();
         let mapped = len
@@ -83,7 +85,7 @@ impl SlotMemory {
             )));
         }
         let base = raw as usize;
-        let start = (base + SLOT_ALIGN - 1) / SLOT_ALIGN * SLOT_ALIGN;
+        let start = base.div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
         // Return the unaligned head and the unused tail to the system.
         // SAFETY: both ranges lie inside the mapping just made and are page-aligned.
         unsafe {

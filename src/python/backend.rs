@@ -665,6 +665,42 @@ impl PyBackend {
 }
 
 impl PyBackend {
+    /// Adopt `len` bytes of host memory at `ptr`, kept alive by `owner`, as a persistent buffer
+    /// that ops and uploads may not write (the expert slot cache, filled by its own readers).
+    pub(crate) fn adopt_host_memory(
+        &self,
+        py: Python<'_>,
+        ptr: usize,
+        len: usize,
+        owner: Box<dyn Any + Send + Sync>,
+        role: crate::graph::Role,
+        label: String,
+    ) -> PyResult<PyBufId> {
+        let raw = self.run(py, |imp| {
+            on!(imp, be =>
+                // SAFETY: the caller's `owner` keeps `len` bytes at `ptr` alive; the pool keeps
+                // `owner` as long as any id uses the memory and never writes it (read-only).
+                unsafe {
+                    be.pool_mut().register_borrowed_role(
+                        ptr as *mut u8,
+                        len,
+                        false,
+                        owner,
+                        role,
+                        &label,
+                        true,
+                    )
+                }
+            )
+        })?;
+        Ok(PyBufId {
+            raw,
+            role,
+            label,
+            nbytes: len as u64,
+        })
+    }
+
     fn no_weights(&self) -> PyErr {
         Kind::WeightFile.err(format!(
             "backend `{}` has no weight file open (pass weights=...)",

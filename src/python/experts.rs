@@ -46,8 +46,9 @@ impl PyExpertStore {
         read_chunk: usize,
         label: String,
     ) -> PyResult<Self> {
-        let policy = Policy::from_name(policy)
-            .ok_or_else(|| Kind::Backend.err(format!("unknown cache policy `{policy}` (lru or lfu)")))?;
+        let policy = Policy::from_name(policy).ok_or_else(|| {
+            Kind::Backend.err(format!("unknown cache policy `{policy}` (lru or lfu)"))
+        })?;
         let cfg = StoreConfig {
             io_threads,
             policy,

@@ -3,11 +3,12 @@
 //! `errors` maps `moeflux::Error` onto the exception hierarchy and guards against panics,
 //! `arrays` moves bytes between NumPy and the engine, `graph` turns Python op objects into Rust
 //! `Op`s, `backend` wraps the backends behind a lock, `weights` binds weight files and the
-//! quantizer.
+//! quantizer, `experts` binds the expert streaming cache.
 
 mod arrays;
 mod backend;
 mod errors;
+mod experts;
 mod graph;
 mod weights;
 
@@ -24,6 +25,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<graph::PyCompiledGraph>()?;
     m.add_class::<weights::PyWeightFile>()?;
     m.add_class::<weights::PyWeightWriter>()?;
+    m.add_class::<experts::PyExpertStore>()?;
     m.add_function(wrap_pyfunction!(graph::op_schema, m)?)?;
     m.add_function(wrap_pyfunction!(graph::roles, m)?)?;
     m.add_function(wrap_pyfunction!(graph::expert_offsets, m)?)?;

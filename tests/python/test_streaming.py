@@ -258,3 +258,19 @@ def test_cli_prints_io_statistics(models, capsys):
                      "--expert-io", "pread", "--expert-cache-gb", gb, "--chunk-size", str(CHUNK)]) == 0
     out = capsys.readouterr()
     assert "expert I/O: pread" in out.out + out.err
+
+
+def test_decode_predicts_the_next_layers_experts_only_when_streaming(models):
+    mf = models("next4")
+    k = moeflux.ModelDir.open(mf).config.num_experts_per_tok
+
+    def decode_dump(m: Model) -> str:
+        return m._concat(m._step(1, "last")).dump()
+
+    m = Model.open(mf, chunk_size=CHUNK, expert_io="pread", expert_cache_gb=_gb(mf, 4))
+    assert "spec_topk" in decode_dump(m) and "spec_topk" not in m._concat(m._step(CHUNK, "all")).dump()
+    m.reset()
+    m.prefill(_prompt(12, 11))
+    assert all(len(v) == k for v in m._last_experts.values())  # the prompt's last token only
+    assert "spec_topk" not in decode_dump(Model.open(mf, chunk_size=CHUNK, expert_io="pread", spec_prefetch=False))
+    assert "spec_topk" not in decode_dump(Model.open(mf, chunk_size=CHUNK, expert_io="mmap"))
