@@ -103,7 +103,7 @@ def _profile(m: Any, tok: int, steps: int) -> Dict[str, Any]:
     st = pstats.Stats(pr)
     rows = []
     ops_calls = 0
-    for (fname, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+    for (fname, line, func), (_cc, nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         if fname.replace("\\", "/").endswith("moeflux/ops.py"):
             ops_calls += nc
         rows.append((tt, nc, f"{Path(fname).name}:{line}({func})" if line else func))
