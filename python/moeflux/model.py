@@ -120,9 +120,6 @@ class _Weights:
         self.wf = wf
         self.names = set(wf.names())
 
-    def has(self, name: str) -> bool:
-        return name in self.names or f"{name}.weight" in self.names
-
     def matrix(self, name: str) -> Tuple[ops.WeightRef, int, int]:
         """``(ref, rows, cols)`` of the quantized matrix ``name``."""
         if f"{name}.weight" not in self.names:
