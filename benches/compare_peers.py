@@ -210,9 +210,17 @@ def peer_env(args: argparse.Namespace) -> Dict[str, str]:
 
 # The converter's tokenizer check knows only hashes of real pre-tokenizers; the synthetic byte-level
 # tokenizer is none of them, so it is declared a qwen2 one (the vocabulary is padded to vocab_size).
+# llama.cpp refuses a BPE vocabulary without merges, and the synthetic one has none: one dummy
+# merge is written.
 _GGUF_CONVERT = r"""
 import sys
 sys.path.insert(0, {src!r})
+import gguf
+_add = gguf.SpecialVocab.add_to_gguf
+def _add_with_merges(self, gw, quiet=False):
+    self.merges = self.merges or ["\u0120 \u0120"]
+    _add(self, gw, quiet)
+gguf.SpecialVocab.add_to_gguf = _add_with_merges
 import convert_hf_to_gguf as c
 try:
     from conversion import base as _base
@@ -273,11 +281,13 @@ def prepare(args: argparse.Namespace) -> Dict[str, Dict[int, Path]]:
                         os.replace(str(path) + ".partial", path)
                 out["llama.cpp"][bits] = path
         if "mlx_lm" in args.engines:
-            dst = wd / f"mlx-L{args.layers}-q{bits}"
+            # float32 activations: MLX's CPU kernels are several times slower in bfloat16.
+            dst = wd / f"mlx-L{args.layers}-q{bits}-f32"
             if not (dst / "config.json").is_file():
                 code = (
                     "from mlx_lm import convert; "
-                    f"convert({str(hf)!r}, {str(dst)!r}, quantize=True, q_bits={bits}, q_group_size=64)"
+                    f"convert({str(hf)!r}, {str(dst)!r}, quantize=True, q_bits={bits}, q_group_size=64, "
+                    "dtype='float32')"
                 )
                 _run([sys.executable, "-c", code], env=env)
             out["mlx_lm"][bits] = dst
@@ -335,8 +345,11 @@ def loadavg() -> List[float]:
 
 def run_worker(args: argparse.Namespace, engine: str, path: Path, bits: int) -> Dict[str, Any]:
     warm_files(path)
-    cmd = [sys.executable, str(HERE), "_worker", engine, str(path), "--prompt-tokens", str(args.prompt_tokens),
-           "--gen-tokens", str(args.gen_tokens), "--reps", str(args.reps), "--threads", str(args.threads),
+    prompt, gen, reps = args.prompt_tokens, args.gen_tokens, args.reps
+    if engine == "mlx_lm":  # MLX's CPU backend is two orders of magnitude slower here: a short workload
+        prompt, gen, reps = args.mlx_prompt_tokens, args.mlx_gen_tokens, 1
+    cmd = [sys.executable, str(HERE), "_worker", engine, str(path), "--prompt-tokens", str(prompt),
+           "--gen-tokens", str(gen), "--reps", str(reps), "--threads", str(args.threads),
            "--chunk-size", str(args.chunk_size)]
     if args.profile and engine == "moeflux":
         cmd.append("--profile")
@@ -346,7 +359,7 @@ def run_worker(args: argparse.Namespace, engine: str, path: Path, bits: int) -> 
         log(f"{engine} {bits}-bit failed:\n{r.stderr[-3000:]}")
         return {"engine": engine, "bits": bits, "error": r.stderr[-500:]}
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    res.update(engine=engine, bits=bits, load_avg=loadavg())
+    res.update(engine=engine, bits=bits, load_avg=loadavg(), prompt_tokens=prompt, gen_tokens=gen)
     return res
 
 
@@ -550,7 +563,8 @@ def summarize(samples: List[Dict[str, Any]], bw: List[Dict[str, float]]) -> List
         dec = [x for s in ss for x in s["decode_tok_s"]]
         row = {"bits": bits, "engine": eng, "prefill": statistics.median(pre), "decode": statistics.median(dec),
                "decode_min": min(dec), "decode_max": max(dec), "n": len(dec), "version": ss[0].get("version", ""),
-               "rss": max(s["peak_rss_mib"] for s in ss)}
+               "rss": max(s["peak_rss_mib"] for s in ss),
+               "workload": f"{ss[0].get('prompt_tokens', '?')}+{ss[0].get('gen_tokens', '?')}"}
         if "bytes_per_token" in ss[0]:
             b = ss[0]["bytes_per_token"]["total"]
             row["mb_per_token"] = b / 1e6
@@ -567,13 +581,13 @@ def summarize(samples: List[Dict[str, Any]], bw: List[Dict[str, float]]) -> List
 
 def markdown(rows: List[Dict[str, Any]], bw: List[Dict[str, float]], args: argparse.Namespace,
              loads: List[List[float]]) -> str:
-    out = ["| width | engine | prefill tok/s | decode tok/s (min-max) | decode vs llama.cpp | "
+    out = ["| width | engine | prompt+gen tokens | prefill tok/s | decode tok/s (min-max) | decode vs llama.cpp | "
            "MB read/token | bandwidth bound tok/s | decode / bound | peak RSS MiB |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         width = {4: {"llama.cpp": "Q4_0"}, 8: {"llama.cpp": "Q8_0"}}[r["bits"]].get(r["engine"], f"{r['bits']}-bit")
         out.append(
-            f"| {width} | {r['engine']} | {r['prefill']:.1f} | {r['decode']:.2f} ({r['decode_min']:.2f}-"
+            f"| {width} | {r['engine']} | {r['workload']} | {r['prefill']:.1f} | {r['decode']:.2f} ({r['decode_min']:.2f}-"
             f"{r['decode_max']:.2f}) | {r.get('decode_vs_llama', float('nan')):.2f}x | "
             + (f"{r['mb_per_token']:.1f} | {r['bound_tok_s']:.1f} | {r['of_bound']:.2f} |"
                if "mb_per_token" in r else " | | |")
@@ -616,6 +630,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--reps", type=int, default=2, help="timed runs per engine per round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--chunk-size", type=int, default=64, help="moeflux prefill chunk")
+    p.add_argument("--mlx-prompt-tokens", type=int, default=16)
+    p.add_argument("--mlx-gen-tokens", type=int, default=4)
+    p.add_argument("--mlx-rounds", type=int, default=1, help="rounds that include mlx_lm")
     p.add_argument("--llama-src", default=os.environ.get("LLAMA_CPP_SRC"),
                    help="llama.cpp source tree (convert_hf_to_gguf.py, gguf-py)")
     p.add_argument("--llama-py", default=os.environ.get("LLAMA_CPP_PY"),
@@ -635,7 +652,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         bws.append(bandwidth(args.threads))
         loads.append(loadavg())
         log(f"round {rnd + 1}: bandwidth {bws[-1]}, load {loads[-1]}")
-        order = [(e, b) for b in args.bits for e in args.engines if b in paths.get(e, {})]
+        order = [(e, b) for b in args.bits for e in args.engines if b in paths.get(e, {})
+                 and (e != "mlx_lm" or rnd < args.mlx_rounds)]
         if rnd % 2:
             order.reverse()
         for eng, bits in order:
