@@ -12,14 +12,18 @@ moeflux's decode is reported as a fraction of the bandwidth bound (bytes read pe
 Peers are not dependencies of moeflux: ``llama_cpp`` is imported from ``--llama-py`` (a
 ``pip install --target`` of llama-cpp-python) and converted with the ``convert_hf_to_gguf.py`` of
 ``--llama-src`` (the llama.cpp tree vendored in the llama-cpp-python sdist); mlx_lm from the
-environment. A missing peer is skipped with a note.
+environment (converted with ``dtype=float32``: its CPU kernels are much slower in bfloat16; it is
+timed on a short workload, ``--mlx-*``, since it runs at about 2 tok/s here). A peer that fails to
+convert or to load is skipped with a note. The synthetic byte-level tokenizer needs two shims for the
+GGUF converter (declared a qwen2 pre-tokenizer; one dummy BPE merge).
 
 Usage::
 
     python benches/compare_peers.py --workdir /work/peer/bench \\
         --llama-src /work/peer/llama_cpp_python-0.3.36/vendor/llama.cpp --llama-py /work/peer/llama_py
 
-``--markdown`` prints the table for BENCHMARKS.md; ``--json`` writes every sample.
+Prints the table for BENCHMARKS.md (and, with ``--profile``, moeflux's per-op timings); ``--json``
+writes every sample, ``--from-json`` prints the table of such a file again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,7 +125,9 @@ def write_checkpoint(dst: Path, layers: int, seed: int = 0) -> Path:
     def flush(si: int, t: Dict[str, np.ndarray]) -> None:
         nonlocal total
         fname = f"model-{si + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, str(dst / fname), metadata={"format": "pt"})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in t.items()}, str(dst / fname), metadata={"format": "pt"}
+        )
         for k, v in t.items():
             weight_map[k] = fname
             total += v.nbytes
@@ -202,7 +209,9 @@ def peer_env(args: argparse.Namespace) -> Dict[str, str]:
     env = dict(os.environ)
     t = str(args.threads)
     env.update(RAYON_NUM_THREADS=t, OMP_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, MKL_NUM_THREADS=t)
-    paths = [p for p in (args.llama_py, str(Path(args.llama_src) / "gguf-py") if args.llama_src else None) if p]
+    paths = [
+        p for p in (args.llama_py, str(Path(args.llama_src) / "gguf-py") if args.llama_src else None) if p
+    ]
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
@@ -243,11 +252,36 @@ raise SystemExit(rc)
 """
 
 
+def _prepare_gguf(args: argparse.Namespace, hf: Path, bits: int, env: Dict[str, str]) -> Path:
+    """Q8_0 straight from the converter; Q4_0 re-quantized from it with ``pure`` (every matrix,
+    ``output`` and ``token_embd`` included, at Q4_0, like moeflux's 4-bit lm_head)."""
+    wd = Path(args.workdir)
+    q8 = wd / f"llama-L{args.layers}-Q8_0.gguf"
+    if not q8.is_file():
+        write_checkpoint(hf, args.layers)
+        code = _GGUF_CONVERT.format(
+            src=str(args.llama_src),
+            argv=[str(hf), "--outtype", "q8_0", "--no-mtp", "--outfile", str(q8) + ".partial"],
+        )
+        _run([sys.executable, "-c", code], env=env)
+        os.replace(str(q8) + ".partial", q8)
+    if bits == 8:
+        return q8
+    path = wd / f"llama-L{args.layers}-Q4_0.gguf"
+    if not path.is_file():
+        code = _GGUF_QUANTIZE.format(
+            threads=args.threads, ftype="Q4_0", src=str(q8), dst=str(path) + ".partial"
+        )
+        _run([sys.executable, "-c", code], env=env)
+        os.replace(str(path) + ".partial", path)
+    return path
+
+
 def prepare(args: argparse.Namespace) -> Dict[str, Dict[int, Path]]:
     """Build the checkpoint and every engine's copy of it; returns ``{engine: {bits: path}}``."""
     wd = Path(args.workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    hf = write_checkpoint(wd / f"hf-L{args.layers}", args.layers)
+    hf = wd / f"hf-L{args.layers}"  # written only when some conversion is missing
     out: Dict[str, Dict[int, Path]] = {e: {} for e in args.engines}
     env = peer_env(args)
     for bits in args.bits:
@@ -257,39 +291,35 @@ def prepare(args: argparse.Namespace) -> Dict[str, Dict[int, Path]]:
                 from moeflux.convert import convert
 
                 log(f"moeflux convert {bits}-bit")
+                write_checkpoint(hf, args.layers)
                 convert(hf, dst, bits=bits, group_size=64, progress=False)
             out["moeflux"][bits] = dst
         if "llama.cpp" in args.engines:
             if not args.llama_src or not args.llama_py:
                 log("llama.cpp: --llama-src/--llama-py not given, skipped")
             else:
-                q8 = wd / f"llama-L{args.layers}-Q8_0.gguf"
-                if not q8.is_file():
-                    code = _GGUF_CONVERT.format(
-                        src=str(args.llama_src),
-                        argv=[str(hf), "--outtype", "q8_0", "--no-mtp", "--outfile", str(q8) + ".partial"],
-                    )
-                    _run([sys.executable, "-c", code], env=env)
-                    os.replace(str(q8) + ".partial", q8)
-                path = q8
-                if bits == 4:
-                    path = wd / f"llama-L{args.layers}-Q4_0.gguf"
-                    if not path.is_file():
-                        code = _GGUF_QUANTIZE.format(threads=args.threads, ftype="Q4_0", src=str(q8),
-                                                     dst=str(path) + ".partial")
-                        _run([sys.executable, "-c", code], env=env)
-                        os.replace(str(path) + ".partial", path)
-                out["llama.cpp"][bits] = path
+                try:
+                    out["llama.cpp"][bits] = _prepare_gguf(args, hf, bits, env)
+                except subprocess.CalledProcessError as e:
+                    log(f"llama.cpp {bits}-bit: conversion failed ({e}), skipped")
         if "mlx_lm" in args.engines:
             # float32 activations: MLX's CPU kernels are several times slower in bfloat16.
             dst = wd / f"mlx-L{args.layers}-q{bits}-f32"
             if not (dst / "config.json").is_file():
+                write_checkpoint(hf, args.layers)
+                tmp = dst.with_name(dst.name + ".partial")
+                shutil.rmtree(tmp, ignore_errors=True)
                 code = (
                     "from mlx_lm import convert; "
-                    f"convert({str(hf)!r}, {str(dst)!r}, quantize=True, q_bits={bits}, q_group_size=64, "
+                    f"convert({str(hf)!r}, {str(tmp)!r}, quantize=True, q_bits={bits}, q_group_size=64, "
                     "dtype='float32')"
                 )
-                _run([sys.executable, "-c", code], env=env)
+                try:
+                    _run([sys.executable, "-c", code], env=env)
+                except subprocess.CalledProcessError as e:
+                    log(f"mlx_lm {bits}-bit: conversion failed ({e}), skipped")
+                    continue
+                os.replace(tmp, dst)
             out["mlx_lm"][bits] = dst
     return out
 
@@ -348,9 +378,23 @@ def run_worker(args: argparse.Namespace, engine: str, path: Path, bits: int) -> 
     prompt, gen, reps = args.prompt_tokens, args.gen_tokens, args.reps
     if engine == "mlx_lm":  # MLX's CPU backend is two orders of magnitude slower here: a short workload
         prompt, gen, reps = args.mlx_prompt_tokens, args.mlx_gen_tokens, 1
-    cmd = [sys.executable, str(HERE), "_worker", engine, str(path), "--prompt-tokens", str(prompt),
-           "--gen-tokens", str(gen), "--reps", str(reps), "--threads", str(args.threads),
-           "--chunk-size", str(args.chunk_size)]
+    cmd = [
+        sys.executable,
+        str(HERE),
+        "_worker",
+        engine,
+        str(path),
+        "--prompt-tokens",
+        str(prompt),
+        "--gen-tokens",
+        str(gen),
+        "--reps",
+        str(reps),
+        "--threads",
+        str(args.threads),
+        "--chunk-size",
+        str(args.chunk_size),
+    ]
     if args.profile and engine == "moeflux":
         cmd.append("--profile")
     env = peer_env(args)
@@ -422,14 +466,39 @@ def decode_bytes_per_token(model: Any, position: int) -> Dict[str, int]:
                 out["embedding"] += mat(op.weight, 1, op.hidden_dim)
             elif isinstance(op, ops.MoeGatherIdFuse):
                 lay = op.layout
-                out["experts"] += op.k * expert_block_bytes(lay.hidden_dim, lay.inter_dim, lay.bits, lay.group_size,
-                                                            lay.scale_dtype)
+                out["experts"] += op.k * expert_block_bytes(
+                    lay.hidden_dim, lay.inter_dim, lay.bits, lay.group_size, lay.scale_dtype
+                )
     cfg = model.config
     for name, b in model.state.items():
         if name.endswith("_cache"):
             out["kv_cache"] += position * cfg.kv_dim * 4
         else:
             out["state"] += 2 * b.nbytes
+    out["total"] = sum(out.values())
+    return out
+
+
+def gguf_bytes_per_token(path: Path) -> Dict[str, int]:
+    """Weight bytes one llama.cpp decode step reads: every tensor, one row of ``token_embd``, and
+    ``k / n_experts`` of each stacked expert tensor (``*_exps``); recurrent state and KV not counted."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = str(bytes(r.fields["general.architecture"].parts[-1]), "utf-8")
+
+    def field(name: str) -> int:
+        return int(r.fields[f"{arch}.{name}"].parts[-1][0])
+
+    k, e = field("expert_used_count"), field("expert_count")
+    out = {"matrices": 0, "experts": 0, "embedding": 0}
+    for t in r.tensors:
+        if t.name.startswith("token_embd"):
+            out["embedding"] += int(t.n_bytes) // int(t.shape[-1])
+        elif "_exps" in t.name:
+            out["experts"] += int(t.n_bytes) * k // e
+        else:
+            out["matrices"] += int(t.n_bytes)
     out["total"] = sum(out.values())
     return out
 
@@ -488,20 +557,34 @@ def worker(a: argparse.Namespace) -> Dict[str, Any]:
         import llama_cpp
         from llama_cpp import Llama
 
-        llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=a.threads,
-                    n_threads_batch=a.threads, verbose=False)
+        llm = Llama(
+            model_path=str(path),
+            n_ctx=512,
+            n_batch=512,
+            n_ubatch=512,
+            n_threads=a.threads,
+            n_threads_batch=a.threads,
+            verbose=False,
+        )
         res["load_s"] = time.perf_counter() - t0
         res["version"] = llama_cpp.__version__
 
+        n_vocab = llm.n_vocab()
+
+        def last_logits() -> np.ndarray:  # Llama.eval keeps no logits unless logits_all
+            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
         def prefill(ids: List[int]) -> int:
             llm.eval(ids)
-            return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            return int(np.argmax(last_logits()))
 
         def decode(tok: int) -> int:
             llm.eval([tok])
-            return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            return int(np.argmax(last_logits()))
 
-        res.update(_time_runs(prefill, decode, llm.reset, a))  # reset() also clears the memory
+        res.update(_time_runs(prefill, decode, llm.reset, a))
+        res["bytes_per_token"] = gguf_bytes_per_token(path)  # reset() also clears the memory
     elif a.engine == "mlx_lm":
         import mlx.core as mx
         import mlx_lm
@@ -553,22 +636,30 @@ def machine() -> Dict[str, Any]:
 def summarize(samples: List[Dict[str, Any]], bw: List[Dict[str, float]]) -> List[Dict[str, Any]]:
     rows = []
     bw_read = statistics.median(b["read_gbs"] for b in bw) if bw else 0.0
-    bw_copy = statistics.median(b["copy_gbs"] for b in bw) if bw else 0.0
-    bw_best = max(bw_read, bw_copy)
-    keys = sorted({(s["bits"], s["engine"]) for s in samples if "error" not in s},
-                  key=lambda k: (k[0], ENGINES.index(k[1])))
+    keys = sorted(
+        {(s["bits"], s["engine"]) for s in samples if "error" not in s},
+        key=lambda k: (k[0], ENGINES.index(k[1])),
+    )
     for bits, eng in keys:
         ss = [s for s in samples if s["engine"] == eng and s["bits"] == bits and "error" not in s]
         pre = [x for s in ss for x in s["prefill_tok_s"]]
         dec = [x for s in ss for x in s["decode_tok_s"]]
-        row = {"bits": bits, "engine": eng, "prefill": statistics.median(pre), "decode": statistics.median(dec),
-               "decode_min": min(dec), "decode_max": max(dec), "n": len(dec), "version": ss[0].get("version", ""),
-               "rss": max(s["peak_rss_mib"] for s in ss),
-               "workload": f"{ss[0].get('prompt_tokens', '?')}+{ss[0].get('gen_tokens', '?')}"}
+        row = {
+            "bits": bits,
+            "engine": eng,
+            "prefill": statistics.median(pre),
+            "decode": statistics.median(dec),
+            "decode_min": min(dec),
+            "decode_max": max(dec),
+            "n": len(dec),
+            "version": ss[0].get("version", ""),
+            "rss": max(s["peak_rss_mib"] for s in ss),
+            "workload": f"{ss[0].get('prompt_tokens', '?')}+{ss[0].get('gen_tokens', '?')}",
+        }
         if "bytes_per_token" in ss[0]:
             b = ss[0]["bytes_per_token"]["total"]
             row["mb_per_token"] = b / 1e6
-            row["bound_tok_s"] = bw_best * 1e9 / b
+            row["bound_tok_s"] = bw_read * 1e9 / b
             row["of_bound"] = row["decode"] / row["bound_tok_s"]
         rows.append(row)
     for r in rows:
@@ -579,29 +670,54 @@ def summarize(samples: List[Dict[str, Any]], bw: List[Dict[str, float]]) -> List
     return rows
 
 
-def markdown(rows: List[Dict[str, Any]], bw: List[Dict[str, float]], args: argparse.Namespace,
-             loads: List[List[float]]) -> str:
-    out = ["| width | engine | prompt+gen tokens | prefill tok/s | decode tok/s (min-max) | decode vs llama.cpp | "
-           "MB read/token | bandwidth bound tok/s | decode / bound | peak RSS MiB |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def markdown(
+    rows: List[Dict[str, Any]], bw: List[Dict[str, float]], args: argparse.Namespace, loads: List[List[float]]
+) -> str:
+    out = [
+        "| width | engine | prompt+gen tokens | prefill tok/s | decode tok/s (min-max) | decode vs llama.cpp | "
+        "MB read/token | bandwidth bound tok/s | decode / bound | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        width = {4: {"llama.cpp": "Q4_0"}, 8: {"llama.cpp": "Q8_0"}}[r["bits"]].get(r["engine"], f"{r['bits']}-bit")
+        width = {4: {"llama.cpp": "Q4_0"}, 8: {"llama.cpp": "Q8_0"}}[r["bits"]].get(
+            r["engine"], f"{r['bits']}-bit"
+        )
         out.append(
             f"| {width} | {r['engine']} | {r['workload']} | {r['prefill']:.1f} | {r['decode']:.2f} ({r['decode_min']:.2f}-"
             f"{r['decode_max']:.2f}) | {r.get('decode_vs_llama', float('nan')):.2f}x | "
-            + (f"{r['mb_per_token']:.1f} | {r['bound_tok_s']:.1f} | {r['of_bound']:.2f} |"
-               if "mb_per_token" in r else " | | |")
+            + (
+                f"{r['mb_per_token']:.1f} | {r['bound_tok_s']:.1f} | {r['of_bound']:.2f} |"
+                if "mb_per_token" in r
+                else " | | |"
+            )
             + f" {r['rss']:.0f} |"
         )
     if bw:
         out.append("")
         out.append(
             f"Bandwidth ({args.threads} threads, 512 MiB, median of {len(bw)} rounds): read "
-            f"{statistics.median(b['read_gbs'] for b in bw):.1f} GB/s, copy (read+write) "
-            f"{statistics.median(b['copy_gbs'] for b in bw):.1f} GB/s; load average during runs "
+            f"{statistics.median(b['read_gbs'] for b in bw):.1f} GB/s (the bound uses it), copy "
+            f"{statistics.median(b['copy_gbs'] for b in bw):.1f} GB/s counting bytes read + written; "
+            "load average during runs "
             f"{min(min(x) for x in loads):.1f}-{max(max(x) for x in loads):.1f}."
         )
     return "\n".join(out)
+
+
+def report(info: Dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the machine, the table and the first moeflux profile of a run."""
+    samples, bws = info["samples"], info["bandwidth"]
+    loads = info.get("loads") or [s["load_avg"] for s in samples if "load_avg" in s]
+    args = argparse.Namespace(**{**vars(args), "threads": info["args"].get("threads", args.threads)})
+    print(f"{info['date']}: {json.dumps(info['machine'])}")
+    print(markdown(summarize(samples, bws), bws, args, loads))
+    for s in samples:
+        if "profile" in s:
+            for phase, prof in s["profile"].items():
+                print(f"\nmoeflux {s['bits']}-bit {phase} profile (ms per token, by op kind):")
+                for k, v in list(prof.items())[:16]:
+                    print(f"  {k:28s} {v['ms_per_token']:8.3f} ms  ({v['calls_per_token']:.2f} calls)")
+            break
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -633,15 +749,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--mlx-prompt-tokens", type=int, default=16)
     p.add_argument("--mlx-gen-tokens", type=int, default=4)
     p.add_argument("--mlx-rounds", type=int, default=1, help="rounds that include mlx_lm")
-    p.add_argument("--llama-src", default=os.environ.get("LLAMA_CPP_SRC"),
-                   help="llama.cpp source tree (convert_hf_to_gguf.py, gguf-py)")
-    p.add_argument("--llama-py", default=os.environ.get("LLAMA_CPP_PY"),
-                   help="directory holding the llama_cpp package")
+    p.add_argument(
+        "--llama-src",
+        default=os.environ.get("LLAMA_CPP_SRC"),
+        help="llama.cpp source tree (convert_hf_to_gguf.py, gguf-py)",
+    )
+    p.add_argument(
+        "--llama-py", default=os.environ.get("LLAMA_CPP_PY"), help="directory holding the llama_cpp package"
+    )
     p.add_argument("--profile", action="store_true", help="add moeflux per-op decode timings")
     p.add_argument("--prepare-only", action="store_true")
     p.add_argument("--json", default=None, help="write all samples here")
-    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--from-json", default=None, help="only print the table of an earlier --json file")
     args = p.parse_args(argv)
+    if args.from_json:
+        info = json.loads(Path(args.from_json).read_text())
+        report(info, args)
+        return 0
     paths = prepare(args)
     if args.prepare_only:
         return 0
@@ -652,8 +776,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         bws.append(bandwidth(args.threads))
         loads.append(loadavg())
         log(f"round {rnd + 1}: bandwidth {bws[-1]}, load {loads[-1]}")
-        order = [(e, b) for b in args.bits for e in args.engines if b in paths.get(e, {})
-                 and (e != "mlx_lm" or rnd < args.mlx_rounds)]
+        order = [
+            (e, b)
+            for b in args.bits
+            for e in args.engines
+            if b in paths.get(e, {}) and (e != "mlx_lm" or rnd < args.mlx_rounds)
+        ]
         if rnd % 2:
             order.reverse()
         for eng, bits in order:
@@ -662,22 +790,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             samples.append(r)
             loads.append(r.get("load_avg", loadavg()))
             if "error" not in r:
-                log(f"{eng} {bits}-bit: prefill {np.median(r['prefill_tok_s']):.1f} tok/s, decode "
-                    f"{np.median(r['decode_tok_s']):.2f} tok/s, load {r['load_avg']}")
-    rows = summarize(samples, bws)
-    info = {"machine": machine(), "args": {k: v for k, v in vars(args).items()}, "bandwidth": bws, "rows": rows,
-            "samples": samples, "date": time.strftime("%Y-%m-%d %H:%M")}
+                log(
+                    f"{eng} {bits}-bit: prefill {np.median(r['prefill_tok_s']):.1f} tok/s, decode "
+                    f"{np.median(r['decode_tok_s']):.2f} tok/s, load {r['load_avg']}"
+                )
+    info = {
+        "machine": machine(),
+        "args": dict(vars(args)),
+        "bandwidth": bws,
+        "loads": loads,
+        "samples": samples,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1, default=str))
-    print(json.dumps(info["machine"]))
-    print(markdown(rows, bws, args, loads))
-    for s in samples:
-        if "profile" in s:
-            for phase, prof in s["profile"].items():
-                print(f"\nmoeflux {s['bits']}-bit {phase} profile (ms per token, by op kind):")
-                for k, v in list(prof.items())[:16]:
-                    print(f"  {k:28s} {v['ms_per_token']:8.3f} ms  ({v['calls_per_token']:.2f} calls)")
-            break
+    report(info, args)
     return 0
 
 

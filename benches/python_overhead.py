@@ -111,7 +111,10 @@ def _profile(m: Any, tok: int, steps: int) -> Dict[str, Any]:
     return {
         "ops_py_calls_per_token": ops_calls / steps,
         "python_calls_per_token": sum(r[1] for r in rows) / steps,
-        "top": [{"fn": f, "us_per_token": tt * 1e6 / steps, "calls_per_token": nc / steps} for tt, nc, f in rows[:12]],
+        "top": [
+            {"fn": f, "us_per_token": tt * 1e6 / steps, "calls_per_token": nc / steps}
+            for tt, nc, f in rows[:12]
+        ],
     }
 
 
@@ -134,13 +137,17 @@ def main() -> int:
     print("| model | decode step ms | in backend ms | Python ms (share) | with argmax: Python ms (share) |")
     print("|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['name']} | {r['step_ms']:.3f} | {r['backend_ms']:.3f} | {r['python_ms']:.3f} "
-              f"({100 * r['python_share']:.1f}%) | {r['loop_python_ms']:.3f} ({100 * r['loop_python_share']:.1f}%) |")
+        print(
+            f"| {r['name']} | {r['step_ms']:.3f} | {r['backend_ms']:.3f} | {r['python_ms']:.3f} "
+            f"({100 * r['python_share']:.1f}%) | {r['loop_python_ms']:.3f} ({100 * r['loop_python_share']:.1f}%) |"
+        )
     for r in results:
         if "top" not in r:
             continue
-        print(f"\n{r['name']}: {r['python_calls_per_token']:.0f} Python calls/token, "
-              f"{r['ops_py_calls_per_token']:.1f} in moeflux/ops.py (op construction); top own time:")
+        print(
+            f"\n{r['name']}: {r['python_calls_per_token']:.0f} Python calls/token, "
+            f"{r['ops_py_calls_per_token']:.1f} in moeflux/ops.py (op construction); top own time:"
+        )
         for t in r["top"]:
             print(f"  {t['us_per_token']:8.1f} us/token  {t['calls_per_token']:6.1f} calls  {t['fn']}")
     return 0
