@@ -149,11 +149,20 @@ impl<'a> Io<'a> {
         Error::bad_data(self.ident, field, "buffer memory is not 4-byte aligned")
     }
 
-    fn f32_in(&self, field: &'static str, raw: u32, off: u64, n: usize) -> Result<Cow<'a, [f32]>> {
+    /// An input slice of `n` elements at byte `off`, copied when this op also writes the same
+    /// physical buffer (so no shared and mutable view of the same bytes coexist).
+    fn input<T: Clone>(
+        &self,
+        field: &'static str,
+        raw: u32,
+        off: u64,
+        n: usize,
+        cast: fn(&[u8]) -> Option<&[T]>,
+    ) -> Result<Cow<'a, [T]>> {
         // SAFETY: shared view; if this op writes the same physical buffer we copy before any
         // mutable view of it is created (mutable views are taken after all inputs).
         let bytes = self.range(field, unsafe { self.pool.bytes(raw)? }, off, n * 4)?;
-        let s = view::f32s(bytes).ok_or_else(|| self.misaligned(field))?;
+        let s = cast(bytes).ok_or_else(|| self.misaligned(field))?;
         if self
             .pool
             .physical_of(raw)
@@ -163,33 +172,33 @@ impl<'a> Io<'a> {
         } else {
             Ok(Cow::Borrowed(s))
         }
+    }
+
+    fn f32_in(&self, field: &'static str, raw: u32, off: u64, n: usize) -> Result<Cow<'a, [f32]>> {
+        self.input(field, raw, off, n, view::f32s)
     }
 
     fn u32_in(&self, field: &'static str, raw: u32, n: usize) -> Result<Cow<'a, [u32]>> {
-        // SAFETY: as in `f32_in`.
-        let bytes = self.range(field, unsafe { self.pool.bytes(raw)? }, 0, n * 4)?;
-        let s = view::u32s(bytes).ok_or_else(|| self.misaligned(field))?;
-        if self
-            .pool
-            .physical_of(raw)
-            .is_some_and(|p| self.written.contains(&p))
-        {
-            Ok(Cow::Owned(s.to_vec()))
-        } else {
-            Ok(Cow::Borrowed(s))
-        }
+        self.input(field, raw, 0, n, view::u32s)
     }
 
-    fn bytes_in(&self, field: &'static str, raw: u32) -> Result<&'a [u8]> {
+    fn bytes_in(&self, raw: u32) -> Result<&'a [u8]> {
         // SAFETY: expert buffers are read-only for every op (validation: role and access).
-        let _ = field;
         unsafe { self.pool.bytes(raw) }
     }
 
+    /// A mutable slice of `n` elements at byte `off` of a buffer this op writes.
     #[allow(clippy::mut_from_ref)]
-    fn f32_out(&self, field: &'static str, raw: u32, off: u64, n: usize) -> Result<&'a mut [f32]> {
+    fn output<T>(
+        &self,
+        field: &'static str,
+        raw: u32,
+        off: u64,
+        n: usize,
+        cast: fn(&mut [u8]) -> Option<&mut [T]>,
+    ) -> Result<&'a mut [T]> {
         // SAFETY: validation guarantees no two written fields share a physical buffer, and every
-        // read of a written buffer was copied (`f32_in`), so this is the only live view.
+        // read of a written buffer was copied (`input`), so this is the only live view.
         let bytes = unsafe { self.pool.bytes_mut(raw)? };
         let start = usize::try_from(off).unwrap_or(usize::MAX);
         let end = start.saturating_add(n * 4);
@@ -201,18 +210,17 @@ impl<'a> Io<'a> {
                 format!("{} bytes at {off} exceed {len}", n * 4),
             )
         })?;
-        view::f32s_mut(bytes).ok_or_else(|| self.misaligned(field))
+        cast(bytes).ok_or_else(|| self.misaligned(field))
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn f32_out(&self, field: &'static str, raw: u32, off: u64, n: usize) -> Result<&'a mut [f32]> {
+        self.output(field, raw, off, n, view::f32s_mut)
     }
 
     #[allow(clippy::mut_from_ref)]
     fn u32_out(&self, field: &'static str, raw: u32, n: usize) -> Result<&'a mut [u32]> {
-        // SAFETY: as in `f32_out`.
-        let bytes = unsafe { self.pool.bytes_mut(raw)? };
-        let len = bytes.len();
-        let bytes = bytes.get_mut(..n * 4).ok_or_else(|| {
-            Error::bad_data(self.ident, field, format!("{} bytes exceed {len}", n * 4))
-        })?;
-        view::u32s_mut(bytes).ok_or_else(|| self.misaligned(field))
+        self.output(field, raw, 0, n, view::u32s_mut)
     }
 }
 
@@ -526,7 +534,7 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
                     "device copy differs from expert_slots (upload the slots before running)",
                 ));
             }
-            let experts = io.bytes_in("expert_base", expert_base.raw())?;
+            let experts = io.bytes_in(expert_base.raw())?;
             let input = io.f32_in("bucket_input", bucket_input.raw(), 0, u(*n_tokens) * h)?;
             let tok = io.u32_in("bucket_token_idx", bucket_token_idx.raw(), total)?;
             let wts = io.f32_in("bucket_weights", bucket_weights.raw(), 0, total)?;
@@ -572,7 +580,7 @@ fn run_op(be: &CpuBackend, op: &Op) -> Result<()> {
         } => {
             let (h, i) = (u(layout.hidden_dim), u(layout.inter_dim));
             let nk = u(*n_tokens) * u(*k);
-            let experts = io.bytes_in("expert_base", expert_base.raw())?;
+            let experts = io.bytes_in(expert_base.raw())?;
             let idx = io.u32_in("indices", indices.raw(), nk)?;
             let w = io.f32_in("weights", weights.raw(), 0, nk)?;
             let x = io.f32_in("mlp_in", mlp_in.raw(), 0, u(*n_tokens) * h)?;
